@@ -34,18 +34,18 @@ from models.errors import ImgsimError
 from models.settings import Settings, get_settings
 
 __all__ = [
-    "SPLITS",
-    "KINDS",
-    "UNREADABLE_REASONS",
-    "FASHION_MNIST_CLASSES",
     "CIFAR10_CLASSES",
+    "FASHION_MNIST_CLASSES",
     "KERAS_DATASETS",
-    "Item",
+    "KINDS",
+    "SPLITS",
+    "UNREADABLE_REASONS",
     "Dataset",
-    "UnreadableImage",
+    "Item",
     "SkipCounter",
-    "open_dataset",
+    "UnreadableImage",
     "decode_image",
+    "open_dataset",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -164,10 +164,7 @@ class Dataset:
             )
         chosen = [item for item in self.items if item.split in wanted]
         if not chosen:
-            raise ImgsimError(
-                f"dataset {self.spec} has no {'/'.join(wanted)} items: "
-                f"available splits are {available}"
-            )
+            raise ImgsimError(f"dataset {self.spec} has no {'/'.join(wanted)} items: available splits are {available}")
         return chosen
 
     def splits(self) -> dict[str, int]:
@@ -272,11 +269,12 @@ def open_dataset(
     text = str(spec)
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
         directory = text.partition(":")[2] or str(settings.fashion_mnist_dir)
-        source = _list_idx(Path(directory).expanduser())
+        source = _list_idx(Path(directory).expanduser().absolute())
     elif text.startswith("keras:"):
         source = _list_keras(text.partition(":")[2])
     else:
-        path = Path(text).expanduser()
+        # Absolute so that readers keep working if the process changes directory later.
+        path = Path(text).expanduser().absolute()
         if not path.exists():
             raise ImgsimError(f"dataset not found: {path}")
         if path.is_dir():
@@ -290,9 +288,7 @@ def open_dataset(
             raise ImgsimError(f"unsupported dataset file {path}: pass {_ACCEPTED_FORMS}")
 
     class_names, items = _assign_splits(source.records, source.class_names, options)
-    fingerprint = _fingerprint(
-        source.kind, source.identity, class_names, items, source.sizes, options
-    )
+    fingerprint = _fingerprint(source.kind, source.identity, class_names, items, source.sizes, options)
     return Dataset(
         spec=text,
         kind=source.kind,
@@ -366,9 +362,7 @@ def _assign_splits(
     groups: dict[tuple[str, str], list[str]] = {}
     for rec in records:
         groups.setdefault((rec.split, rec.class_name), []).append(rec.key)
-    class_names = (
-        list(fixed_names) if fixed_names is not None else sorted({c for _, c in groups})
-    )
+    class_names = list(fixed_names) if fixed_names is not None else sorted({c for _, c in groups})
     label_of = {name: i for i, name in enumerate(class_names)}
     has_val = any(split == "val" for split, _ in groups)
 
@@ -460,8 +454,7 @@ def _layout_records(paths: Iterable[str], where: str) -> list[_Record]:
         raise ImgsimError(f"{where} has val/ or test/ class folders but no train/: add train/<class>/")
     if not records:
         raise ImgsimError(
-            f"no images found in {where}: expected <class>/<image> files, "
-            f"optionally under train/ val/ test/"
+            f"no images found in {where}: expected <class>/<image> files, optionally under train/ val/ test/"
         )
     return records
 
@@ -533,10 +526,7 @@ def _strip_top_folder(paths: Sequence[str]) -> str:
 
 
 def _archive_error(path: Path, exc: BaseException) -> ImgsimError:
-    return ImgsimError(
-        f"cannot read archive {path}: {exc or type(exc).__name__}; "
-        f"is it a complete .tar/.tar.gz file?"
-    )
+    return ImgsimError(f"cannot read archive {path}: {exc or type(exc).__name__}; is it a complete .tar/.tar.gz file?")
 
 
 _ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -659,9 +649,7 @@ def _parse_idx(data: bytes, what: str = "IDX data") -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = math.prod(shape)
     if len(data) - header != expected:
-        raise ImgsimError(
-            f"{what} is truncated or corrupt: header says {expected} bytes, found {len(data) - header}"
-        )
+        raise ImgsimError(f"{what} is truncated or corrupt: header says {expected} bytes, found {len(data) - header}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -723,15 +711,11 @@ def _array_key(split: str, index: int) -> str:
     return f"{split}/{index:05d}"
 
 
-def _array_records(
-    split: str, labels: np.ndarray, class_names: Sequence[str], what: str
-) -> list[_Record]:
+def _array_records(split: str, labels: np.ndarray, class_names: Sequence[str], what: str) -> list[_Record]:
     labels = np.asarray(labels).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise ImgsimError(f"{what} has labels outside 0..{len(class_names) - 1}: wrong file?")
-    return [
-        _Record(_array_key(split, i), split, class_names[int(lbl)]) for i, lbl in enumerate(labels)
-    ]
+    return [_Record(_array_key(split, i), split, class_names[int(lbl)]) for i, lbl in enumerate(labels)]
 
 
 class _ArrayReader:
@@ -758,19 +742,16 @@ class _ArrayReader:
 
 def _list_keras(name: str) -> _Source:
     if name not in KERAS_DATASETS:
-        raise ImgsimError(
-            f"unknown keras dataset {name!r}: use one of {', '.join(sorted(KERAS_DATASETS))}"
-        )
+        raise ImgsimError(f"unknown keras dataset {name!r}: use one of {', '.join(sorted(KERAS_DATASETS))}")
     try:
         import keras  # lazy: importing keras pulls in TensorFlow
 
         module = getattr(keras.datasets, name)
         loaded = module.load_data(label_mode="fine") if name == "cifar100" else module.load_data()
         (x_train, y_train), (x_test, y_test) = loaded
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+    except Exception as exc:  # any failure means "not available here"
         raise ImgsimError(
-            f"could not download keras dataset {name}: {exc or type(exc).__name__}; "
-            f"use a local folder/archive instead"
+            f"could not download keras dataset {name}: {exc or type(exc).__name__}; use a local folder/archive instead"
         ) from exc
     class_names = list(KERAS_DATASETS[name])
     arrays = {"train": np.asarray(x_train, dtype=np.uint8), "test": np.asarray(x_test, dtype=np.uint8)}
@@ -808,9 +789,7 @@ def _looks_like_image(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC)
 
 
-def decode_image(
-    raw: bytes | np.ndarray, size: int | None, *, max_pixels: int | None = None
-) -> np.ndarray:
+def decode_image(raw: bytes | np.ndarray, size: int | None, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode a payload to a uint8 RGB array, ``(size, size, 3)`` or native size.
 
     Non-square images are squashed to the square (as Keras'
@@ -894,9 +873,8 @@ def _image_from_bytes(data: bytes, limit: int, size: int | None) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB with transparency composited onto white; 16-bit grey scaled, not clipped."""
     mode = img.mode
-    if mode == "RGB":
-        if "transparency" not in img.info:
-            return img
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.uint32)
         if mode != "I" or arr.max(initial=0) > 255:

@@ -116,6 +116,26 @@ class Embeddings:
         return len(self.keys) / self.seconds if self.seconds > 0 else 0.0
 
 
+def stream_forward(
+    forward: Callable[[np.ndarray], np.ndarray],
+    dataset: Dataset,
+    items: Sequence[Item],
+    size: int,
+    batch_size: int,
+    skipped: SkipCounter,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> Iterator[tuple[list[Item], np.ndarray]]:
+    """(items, outputs) per batch, decoding ahead of the model; a tqdm bar shows progress."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), unit="img", desc=desc, disable=not progress) as bar:
+        for batch_items, batch in prefetch(decoded_batches(dataset, items, size, batch_size, skipped)):
+            yield batch_items, np.asarray(forward(batch))
+            bar.update(len(batch_items))
+        bar.update(len(items) - bar.n)
+
+
 def embed_items(
     forward: Callable[[np.ndarray], np.ndarray],
     dataset: Dataset,
@@ -125,18 +145,13 @@ def embed_items(
     progress: bool = True,
 ) -> Embeddings:
     """Run ``forward`` (uint8 batch -> vectors) over ``items`` with a pipelined input path."""
-    from tqdm.auto import tqdm
-
     skipped = SkipCounter()
     vectors: list[np.ndarray] = []
     done: list[Item] = []
     start = time.perf_counter()
-    with tqdm(total=len(items), unit="img", desc="embedding", disable=not progress) as bar:
-        for batch_items, batch in prefetch(decoded_batches(dataset, items, size, batch_size, skipped)):
-            vectors.append(np.asarray(forward(batch), dtype=np.float32))
-            done.extend(batch_items)
-            bar.update(len(batch_items))
-        bar.update(len(items) - bar.n)
+    for batch_items, out in stream_forward(forward, dataset, items, size, batch_size, skipped, progress):
+        vectors.append(out.astype(np.float32, copy=False))
+        done.extend(batch_items)
     seconds = time.perf_counter() - start
     dim = vectors[0].shape[1] if vectors else 0
     return Embeddings(

@@ -1,0 +1,125 @@
+"""On-disk cache of frozen-layer outputs, so training runs the frozen CNN once per image.
+
+On a 2-core CPU the frozen part of the network is nearly all of the compute; caching its
+output turns an epoch from tens of minutes into seconds. The cache key covers everything
+that changes those outputs: backbone, ImageNet-weights hash, input size, cut layer,
+dataset fingerprint and the flip augmentation. A cache is written into a temporary
+directory and renamed into place when complete, so an interrupted run leaves nothing
+half-written behind.
+
+Trade-off: cached features cannot see random crops or colour jitter. The one augmentation
+that survives caching is a horizontal flip (``flip=True`` caches a flipped copy of every
+training image, doubling extraction time); the simple CNN, which caches raw pixels,
+augments freely inside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.datasets import Dataset, SkipCounter
+from models.embed import stream_forward
+
+
+@dataclass
+class FeatureSplit:
+    x: np.ndarray  # (N, ...) memory-mapped
+    y: np.ndarray  # (N,) int64 labels
+    keys: list[str]
+    x_flip: np.ndarray | None = None  # features of the mirrored images (train split only)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def cache_key(**parts: object) -> str:
+    """Stable hex key of the inputs that determine the cached outputs."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _flip(batch: np.ndarray) -> np.ndarray:
+    return batch[:, :, ::-1, :]
+
+
+def load_cache(directory: Path) -> dict[str, FeatureSplit] | None:
+    """The cached splits in ``directory``, or None when it is absent or incomplete."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    out = {}
+    for split, info in meta["splits"].items():
+        n = info["count"]
+        x = np.load(directory / f"{split}.npy", mmap_mode="r")[:n]
+        flip_path = directory / f"{split}_flip.npy"
+        x_flip = np.load(flip_path, mmap_mode="r")[:n] if flip_path.is_file() else None
+        out[split] = FeatureSplit(x, np.load(directory / f"{split}_labels.npy"), info["keys"], x_flip)
+    return out
+
+
+def build_cache(
+    directory: Path,
+    lower: Callable[[np.ndarray], np.ndarray],
+    dataset: Dataset,
+    splits: list[str],
+    input_size: int,
+    batch_size: int,
+    *,
+    flip_splits: tuple[str, ...] = (),
+    describe: dict[str, object] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, FeatureSplit], SkipCounter]:
+    """Run ``lower`` (uint8 batch -> features) over ``splits`` and store the outputs."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    skipped = SkipCounter()
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".part-", dir=directory.parent))
+    try:
+        meta: dict[str, object] = {"describe": describe or {}, "splits": {}}
+        for split in splits:
+            items = dataset.select(split)
+            variants = [("", None)] + ([("_flip", _flip)] if split in flip_splits else [])
+            for suffix, transform in variants:
+                array: np.ndarray | None = None
+                keys: list[str] = []
+                labels: list[int] = []
+
+                def forward(batch: np.ndarray, transform=transform) -> np.ndarray:  # noqa: ANN001
+                    return lower(transform(batch) if transform else batch)
+
+                for batch_items, out in stream_forward(
+                    forward, dataset, items, input_size, batch_size,
+                    SkipCounter() if suffix else skipped, progress, desc=f"features {split}{suffix}",
+                ):
+                    if array is None:
+                        dtype = np.uint8 if out.dtype == np.uint8 else np.float16
+                        array = np.lib.format.open_memmap(
+                            tmp / f"{split}{suffix}.npy", mode="w+", dtype=dtype, shape=(len(items), *out.shape[1:])
+                        )
+                    array[len(keys) : len(keys) + len(out)] = out
+                    keys.extend(i.key for i in batch_items)
+                    labels.extend(i.label for i in batch_items)
+                if array is not None:
+                    array.flush()
+                    del array
+                if not suffix and keys:
+                    np.save(tmp / f"{split}_labels.npy", np.array(labels, dtype=np.int64))
+                    meta["splits"][split] = {"count": len(keys), "keys": keys}  # type: ignore[index]
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cache = load_cache(directory)
+    assert cache is not None
+    return cache, skipped
