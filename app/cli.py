@@ -90,6 +90,45 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainOptions, train
+
+    opts = TrainOptions(
+        backbone=args.backbone, data=args.data, out=args.out, input_size=args.input_size, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, val_fraction=args.val_fraction,
+        max_per_class=args.max_per_class, seed=args.seed, trainable=args.trainable, patience=args.patience,
+        dropout=args.dropout, flip=args.flip, tensorboard=args.tensorboard, test_data=args.test_data, force=args.force,
+    )
+    result = train(opts, progress=not args.quiet)
+    for line in result.messages:
+        print(line, file=sys.stderr)
+    m, t = result.manifest["metrics"], result.manifest["training"]
+    test = f"test accuracy {m['test_accuracy']:.4f} on {m['test_count']} images" if "test_accuracy" in m else "no test split"
+    resumed = f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
+    print(
+        f"trained {opts.backbone} ({opts.trainable}, {opts.input_size} px): best epoch {m['best_epoch']}/{m['epochs_run']}, "
+        f"val accuracy {m['val_accuracy']:.4f}, {test}; wall {t['wall_seconds']:.0f} s "
+        f"(features {t['extract_seconds']:.0f} s, fit {t['fit_seconds']:.0f} s{resumed}) -> {opts.out}"
+    )
+    return 0
+
+
+def cmd_evaluate_ensemble(args: argparse.Namespace) -> int:
+    import json
+
+    from models.ensemble import evaluate_ensemble
+
+    res = evaluate_ensemble(args.model, args.data, args.split, progress=not args.quiet)
+    width = max(len(m["name"]) for m in res["members"]) + 2
+    print(f"{'model':<{width}}{'backbone':<12}accuracy  ({res['count']} {args.split} images)")
+    for m in res["members"]:
+        print(f"{m['name']:<{width}}{m['backbone']:<12}{m['accuracy']:.4f}")
+    print(f"{'majority vote':<{width}}{'':<12}{res['ensemble_accuracy']:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument("--data", required=True, help="dataset: class-folder tree, .tar.gz of one, "
@@ -132,6 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_embed)
+    from models.architecture import BACKBONES, TRAINABLE_CHOICES
+
+    p = sub.add_parser("train", help="transfer-learn a classifier (backbone + 1024-d embedding head)",
+                       description="Fine-tune an ImageNet backbone (or train the simple CNN baseline) on a labelled "
+                       "dataset. The frozen part runs once per image and is cached on disk; training is resumable "
+                       "(rerun the same command after an interruption).")
+    p.add_argument("--backbone", choices=BACKBONES, required=True)
+    _add_data_options(p)
+    p.add_argument("--out", type=Path, required=True, help="MODEL_DIR to create")
+    p.add_argument("--input-size", type=_positive_int, default=s.input_size, help="square input size in px (default %(default)s)")
+    p.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="frozen",
+                   help="frozen: only the new head learns; last-block: also the backbone's last block (default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="maximum epochs (default %(default)s)")
+    p.add_argument("--patience", type=_positive_int, default=3, help="early-stopping patience on val loss (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier (default %(default)s)")
+    p.add_argument("--flip", action="store_true", help="horizontal-flip augmentation (caches a mirrored copy: 2x extraction)")
+    p.add_argument("--test-data", default=None, help="separate dataset to evaluate on when --data has no test split")
+    p.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard logs to this folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing MODEL_DIR / discard an interrupted run")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate-ensemble", help="majority-vote several trained models on a split",
+                       description="Each model predicts the split; the ensemble takes the most-voted class "
+                       "(ties: highest summed probability). Prints each member's accuracy next to the ensemble's.")
+    p.add_argument("--model", type=Path, action="append", required=True, help="MODEL_DIR (repeat, at least 2)")
+    p.add_argument("--data", required=True, help="dataset spec (as for train)")
+    p.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate_ensemble)
     return parser
 
 
