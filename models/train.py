@@ -206,8 +206,14 @@ def _features(
     flip_splits = ("train",) if opts.flip else ()
     forward = _forward_fn(lower, arch.preprocessing)
     features, skipped = build_cache(
-        directory, forward, dataset, splits, opts.input_size, opts.extract_batch_size,
-        flip_splits=flip_splits, describe={"backbone": opts.backbone, "cut": arch.cut, "data": opts.data},
+        directory,
+        forward,
+        dataset,
+        splits,
+        opts.input_size,
+        opts.extract_batch_size,
+        flip_splits=flip_splits,
+        describe={"backbone": opts.backbone, "cut": arch.cut, "data": opts.data},
         progress=progress,
     )
     return features, key, False, [skipped.summary()] if skipped.total else []
@@ -228,8 +234,9 @@ def train(
 
     settings = settings or get_settings()
     started = time.perf_counter()
-    dataset = open_dataset(opts.data, val_fraction=opts.val_fraction, seed=opts.seed,
-                           max_per_class=opts.max_per_class, settings=settings)
+    dataset = open_dataset(
+        opts.data, val_fraction=opts.val_fraction, seed=opts.seed, max_per_class=opts.max_per_class, settings=settings
+    )
     counts = dataset.splits()
     if len(dataset.class_names) < 2:
         raise ImgsimError(f"{opts.data}: need at least 2 classes to train, found {dataset.class_names}")
@@ -241,24 +248,36 @@ def train(
 
     state, done_epochs = _prepare_out(opts)
     keras.utils.set_random_seed(opts.seed)
-    arch = build_architecture(opts.backbone, opts.input_size, len(dataset.class_names), opts.trainable,  # type: ignore[arg-type]
-                              opts.dropout, settings)
+    arch = build_architecture(
+        opts.backbone,
+        opts.input_size,
+        len(dataset.class_names),
+        opts.trainable,  # type: ignore[arg-type]
+        opts.dropout,
+        settings,
+    )
     splits = ["train", "val"] + (["test"] if "test" in counts and not test_set else [])
     t0 = time.perf_counter()
     feats, key, hit, messages = _features(arch, opts, dataset, splits, settings, progress)
     if test_set:
-        test_feats, _, _, more = _features(arch, opts, test_set, ["test"] if "test" in test_set.splits() else ["train"],
-                                           settings, progress)
+        test_feats, _, _, more = _features(
+            arch, opts, test_set, ["test"] if "test" in test_set.splits() else ["train"], settings, progress
+        )
         feats["test"] = next(iter(test_feats.values()))
         messages += more
     extract_seconds = time.perf_counter() - t0
     messages.insert(0, f"feature cache {'hit' if hit else 'built'}: {key} ({extract_seconds:.1f} s)")
 
     _, upper = split_model(arch.model, arch.cut)
-    upper.compile(optimizer=keras.optimizers.Adam(opts.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    cbs: list[Any] = [keras.callbacks.BackupAndRestore(str(state / "backup")),
-                      _epoch_logger(state, upper, opts.patience)]
+    upper.compile(
+        optimizer=keras.optimizers.Adam(opts.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    cbs: list[Any] = [
+        keras.callbacks.BackupAndRestore(str(state / "backup")),
+        _epoch_logger(state, upper, opts.patience),
+    ]
     if opts.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(opts.tensorboard)))
     t0 = time.perf_counter()
@@ -291,7 +310,9 @@ def train(
         rows = per_class_report(cm, dataset.class_names)
         metrics.update(test_accuracy=acc, test_count=len(test))
         (out / "report.txt").write_text(format_report(rows, acc))
-        (out / "report.json").write_text(json.dumps({"accuracy": acc, "classes": rows, "confusion": cm.tolist()}, indent=2))
+        (out / "report.json").write_text(
+            json.dumps({"accuracy": acc, "classes": rows, "confusion": cm.tolist()}, indent=2)
+        )
         plot_confusion(cm, dataset.class_names, out / "confusion.png", f"{title}: test accuracy {acc:.4f}")
     else:
         messages.append("no test split: pass --test-data SPEC to evaluate on separate images")
@@ -315,10 +336,15 @@ def train(
         "classifier_layer": CLASSIFIER_LAYER,
         "cut_layer": arch.cut,
         "feature_cache": key,
-        "training": {**opts.fingerprint_fields(), "epochs": opts.epochs,
-                     "extract_seconds": round(extract_seconds, 1), "fit_seconds": round(fit_seconds, 1),
-                     "wall_seconds": round(time.perf_counter() - started, 1), "resumed_from_epoch": done_epochs,
-                     "feature_cache_hit": hit},
+        "training": {
+            **opts.fingerprint_fields(),
+            "epochs": opts.epochs,
+            "extract_seconds": round(extract_seconds, 1),
+            "fit_seconds": round(fit_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "resumed_from_epoch": done_epochs,
+            "feature_cache_hit": hit,
+        },
         "dataset": {"spec": str(opts.data), "kind": dataset.kind, "fingerprint": dataset.fingerprint, "splits": counts},
         "metrics": metrics,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

