@@ -149,6 +149,87 @@ def cmd_evaluate_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.build import build_index
+
+    params = {
+        "hnsw_m": args.hnsw_m,
+        "ef_construction": args.ef_construction,
+        "ef_search": args.ef_search,
+        "nlist": args.nlist,
+        "nprobe": args.nprobe,
+    }
+    keep = {"hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nlist", "nprobe")}.get(args.index_type, ())
+    report = build_index(
+        args.model,
+        args.data,
+        args.out,
+        index_type=args.index_type,
+        params={k: params[k] for k in keep},
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_per_class=args.max_per_class,
+        batch_size=args.batch_size,
+        use_cache=not args.no_cache,
+        progress=not args.quiet,
+    )
+    if report.skipped.total:
+        print(report.skipped.summary(), file=sys.stderr)
+    how = (
+        "reused the training feature cache (only the layers above the frozen cut ran)"
+        if report.path_taken == "cached-features"
+        else "ran the full model over every image"
+    )
+    print(
+        f"indexed {report.count} images ({args.index_type}) in {report.seconds:.1f} s; embedding "
+        f"{report.embed_seconds:.1f} s = {report.images_per_second:.1f} img/s; {how} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from indexer.build import add_images
+
+    r = add_images(args.index, args.paths, label=args.label, progress=not args.quiet)
+    print(
+        f"added {r['added']} images, skipped {r['duplicates']} duplicates and {r['skipped']} unreadable; "
+        f"index now holds {r['count']}"
+    )
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from indexer.build import remove_ids
+
+    r = remove_ids(args.index, args.ids)
+    print(f"removed {r['removed']} items; index now holds {r['count']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer.evaluate import evaluate, format_summary, plot_queries
+
+    result, raw = evaluate(
+        args.model,
+        args.index,
+        args.data,
+        args.split,
+        batch_size=args.batch_size,
+        use_cache=not args.no_cache,
+        progress=not args.quiet,
+    )
+    print(format_summary(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot_queries(raw, args.index, args.plot, n=args.plot_queries, seed=args.seed)
+        print(f"plot of {args.plot_queries} queries -> {args.plot}")
+    return 0
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument(
@@ -263,11 +344,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate_ensemble)
+
+    p = sub.add_parser(
+        "index",
+        help="build a FAISS cosine index (also: index add, index remove)",
+        description="Embed the train and validation images with a trained model's penultimate "
+        "layer, L2-normalise, and write INDEX_DIR (FAISS inner-product index, SQLite item table, "
+        "manifest) atomically. Subcommands: `imgsim index add --index DIR PATHS...` and "
+        "`imgsim index remove --index DIR IDS...`.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR from `imgsim train`")
+    p.add_argument("--data", required=True, help="dataset spec (as for train)")
+    p.add_argument("--out", type=Path, required=True, help="INDEX_DIR to create or replace")
+    p.add_argument(
+        "--index-type",
+        choices=("flat", "hnsw", "ivf"),
+        default="flat",
+        help="flat: exact (default); hnsw / ivf: approximate, for large collections",
+    )
+    p.add_argument("--hnsw-m", type=_positive_int, default=32, help="HNSW links per node (default %(default)s)")
+    p.add_argument("--ef-construction", type=_positive_int, default=80, help="HNSW build depth (default %(default)s)")
+    p.add_argument("--ef-search", type=_positive_int, default=64, help="HNSW search depth (default %(default)s)")
+    p.add_argument("--nlist", type=_positive_int, default=256, help="IVF lists (default %(default)s)")
+    p.add_argument("--nprobe", type=_positive_int, default=16, help="IVF lists probed per query (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=None, help="default: the model's training value")
+    p.add_argument("--seed", type=int, default=None, help="default: the model's training value")
+    p.add_argument("--max-per-class", type=_positive_int, default=None, help="default: the model's training value")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=s.batch_size, help="inference batch (default %(default)s)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="run the full model even when cached features exist")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "index-add",
+        help="(`imgsim index add`) embed and append image files",
+        description="Embed image files (or folders of them) and append them to INDEX_DIR; files whose "
+        "bytes are already indexed are skipped. Ids of existing items never change.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="INDEX_DIR")
+    p.add_argument("--label", default=None, help="class name to record for the new images (default: unknown)")
+    p.add_argument("paths", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index_add)
+
+    p = sub.add_parser(
+        "index-remove",
+        help="(`imgsim index remove`) remove items by id",
+        description="Remove items from INDEX_DIR by id. Other ids never change.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="INDEX_DIR")
+    p.add_argument("ids", type=int, nargs="+", help="item ids")
+    p.set_defaults(func=cmd_index_remove)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="retrieval quality of an index on a query split",
+        description="Query every image of a split against the index: precision@1/5/10, mAP@5, "
+        "top-5 kNN accuracy and the classifier's accuracy, per class too (docs/retrieval.md).",
+    )
+    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR")
+    p.add_argument("--index", type=Path, required=True, help="INDEX_DIR built from that model")
+    p.add_argument("--data", required=True, help="dataset spec")
+    p.add_argument("--split", default="test", help="query split (default %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of random queries and their top-5 results")
+    p.add_argument("--plot-queries", type=_positive_int, default=6, help="queries in the plot (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking plot queries")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=s.batch_size, help="inference batch (default %(default)s)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="run the full model even when cached features exist")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] in (["index", "add"], ["index", "remove"]):  # `imgsim index add` == `imgsim index-add`
+        argv = [f"index-{argv[1]}", *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -117,7 +117,7 @@ class Embeddings:
 
 
 def stream_forward(
-    forward: Callable[[np.ndarray], np.ndarray],
+    forward: Callable[[np.ndarray], T],
     dataset: Dataset,
     items: Sequence[Item],
     size: int,
@@ -125,13 +125,13 @@ def stream_forward(
     skipped: SkipCounter,
     progress: bool = True,
     desc: str = "embedding",
-) -> Iterator[tuple[list[Item], np.ndarray]]:
-    """(items, outputs) per batch, decoding ahead of the model; a tqdm bar shows progress."""
+) -> Iterator[tuple[list[Item], T]]:
+    """(items, forward's output) per batch, decoding ahead of the model; a tqdm bar shows progress."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(items), unit="img", desc=desc, disable=not progress) as bar:
         for batch_items, batch in prefetch(decoded_batches(dataset, items, size, batch_size, skipped)):
-            yield batch_items, np.asarray(forward(batch))
+            yield batch_items, forward(batch)
             bar.update(len(batch_items))
         bar.update(len(items) - bar.n)
 
@@ -150,7 +150,7 @@ def embed_items(
     done: list[Item] = []
     start = time.perf_counter()
     for batch_items, out in stream_forward(forward, dataset, items, size, batch_size, skipped, progress):
-        vectors.append(out.astype(np.float32, copy=False))
+        vectors.append(np.asarray(out, dtype=np.float32))
         done.extend(batch_items)
     seconds = time.perf_counter() - start
     dim = vectors[0].shape[1] if vectors else 0

@@ -1,0 +1,258 @@
+"""An index directory: FAISS inner-product index + SQLite item table + manifest.
+
+Vectors are L2-normalised before they enter the index, so inner product = cosine.
+Ids are ours (FAISS ``IndexIDMap2``), so they survive removals. Every write goes to a
+temporary sibling directory that replaces the old one only when complete: an
+interrupted build or update leaves the previous index intact.
+
+Layout of INDEX_DIR::
+
+    index.faiss     the FAISS index (flat, HNSW or IVF inside an id map)
+    items.sqlite    items(id, key, source, label, label_name, split, sha256, width, height, image)
+    manifest.json   model identity, embedding layer/dim, metric, counts, dataset, index type
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from models.errors import ImgsimError
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.sqlite"
+MANIFEST_FILE = "manifest.json"
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+
+_SCHEMA = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,          -- path or archive member inside the source
+    source TEXT NOT NULL,       -- dataset spec, or the file path for images added later
+    label INTEGER NOT NULL,     -- -1 when unknown
+    label_name TEXT,
+    split TEXT,
+    sha256 TEXT NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    image BLOB                  -- encoded bytes when the source cannot serve single files fast
+);
+CREATE INDEX items_sha256 ON items(sha256);
+"""
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    id: int
+    key: str
+    source: str
+    label: int
+    label_name: str | None
+    split: str | None
+    sha256: str
+    width: int | None
+    height: int | None
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous for FAISS."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vectors: np.ndarray) -> faiss.Index:
+    """An inner-product index taking our ids (IVF is trained on ``train_vectors``).
+
+    Flat and HNSW sit inside an ``IndexIDMap2``; IVF stores ids itself (an id map on top of
+    IVF would break on removal, as IVF does not renumber its internal ids).
+    """
+    if index_type == "flat":
+        base = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, params.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = params.get("ef_construction", 80)
+        base.hnsw.efSearch = params.get("ef_search", 64)
+    elif index_type == "ivf":
+        nlist = min(params.get("nlist", 256), max(1, len(train_vectors) // 39))  # FAISS wants ~39 points per list
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        base.train(train_vectors)
+        base.nprobe = min(params.get("nprobe", 16), nlist)
+        base.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove_ids by our ids
+        return base
+    else:
+        raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    return faiss.IndexIDMap2(base)
+
+
+def all_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of everything stored in an index made by :func:`new_faiss_index`."""
+    if isinstance(index, faiss.IndexIVF):
+        inv = index.invlists
+        ids = np.concatenate(
+            [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(index.nlist)] or [[]]
+        ).astype(np.int64)
+        return ids, np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), "f4")
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    if len(ids) == 0:
+        return ids, np.zeros((0, index.d), np.float32)
+    return ids, index.index.reconstruct_n(0, index.ntotal)
+
+
+class IndexStore:
+    """An open index directory (read-mostly; writes go through :func:`writing`)."""
+
+    def __init__(self, path: Path, index: faiss.Index, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.index = index
+        self.manifest = manifest
+        self._db = sqlite3.connect(self.path / ITEMS_FILE, check_same_thread=False)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def open(cls, path: Path, expect_model: dict[str, Any] | None = None) -> IndexStore:
+        """Open and cross-check manifest, FAISS index and item table (and the model, if given)."""
+        path = Path(path)
+        for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
+            if not (path / name).is_file():
+                raise ImgsimError(f"{path} is not an index directory ({name} missing); build one with `imgsim index`")
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        index = faiss.read_index(str(path / INDEX_FILE))
+        store = cls(path, index, manifest)
+        store.check(expect_model)
+        return store
+
+    def check(self, expect_model: dict[str, Any] | None = None) -> None:
+        m = self.manifest
+        rows = self.count()
+        problems = []
+        if self.index.d != m["embedding_dim"]:
+            problems.append(f"FAISS dimension {self.index.d} != manifest {m['embedding_dim']}")
+        if self.index.ntotal != m["count"] or rows != m["count"]:
+            problems.append(f"counts differ: FAISS {self.index.ntotal}, items table {rows}, manifest {m['count']}")
+        if expect_model is not None:
+            for field in ("backbone", "embedding_layer", "embedding_dim", "model_sha256"):
+                if field in expect_model and m["model"].get(field) != expect_model[field]:
+                    problems.append(
+                        f"model {field}: index built with {m['model'].get(field)!r}, given {expect_model[field]!r}"
+                    )
+        if problems:
+            raise ImgsimError(f"index {self.path} does not match: " + "; ".join(problems))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ----------------------------------------------------------------- reading
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k nearest items by cosine; ids are -1 past the end."""
+        k = min(k, max(1, self.index.ntotal))
+        return self.index.search(l2_normalise(vectors), k)
+
+    def rows(self, ids: Sequence[int]) -> dict[int, ItemRow]:
+        wanted = [int(i) for i in ids if i >= 0]
+        out: dict[int, ItemRow] = {}
+        for chunk in range(0, len(wanted), 900):  # SQLite's host-parameter limit
+            part = wanted[chunk : chunk + 900]
+            q = ",".join("?" * len(part))
+            for r in self._db.execute(
+                f"SELECT id, key, source, label, label_name, split, sha256, width, height FROM items WHERE id IN ({q})",
+                part,
+            ):
+                out[r[0]] = ItemRow(*r)
+        return out
+
+    def labels(self, ids: np.ndarray) -> np.ndarray:
+        """Labels for an array of ids (any shape); -1 for missing ids."""
+        flat = ids.ravel()
+        rows = self.rows(np.unique(flat[flat >= 0]).tolist())
+        lookup = np.array([rows[i].label if i in rows else -1 for i in flat.tolist()], dtype=np.int64)
+        return lookup.reshape(ids.shape)
+
+    def label_counts(self, n_classes: int) -> np.ndarray:
+        """Indexed items per label (the R in AP@k)."""
+        counts = np.zeros(n_classes, dtype=np.int64)
+        for label, n in self._db.execute("SELECT label, COUNT(*) FROM items WHERE label >= 0 GROUP BY label"):
+            if label < n_classes:
+                counts[label] = n
+        return counts
+
+    def image_bytes(self, item_id: int) -> tuple[ItemRow, bytes | None]:
+        """The stored image bytes (None when the item is served from its source path)."""
+        r = self._db.execute(
+            "SELECT id, key, source, label, label_name, split, sha256, width, height, image FROM items WHERE id = ?",
+            (int(item_id),),
+        ).fetchone()
+        if r is None:
+            raise KeyError(item_id)
+        return ItemRow(*r[:9]), r[9]
+
+    def existing_hashes(self, hashes: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in range(0, len(hashes), 900):
+            part = list(hashes[chunk : chunk + 900])
+            q = ",".join("?" * len(part))
+            found.update(r[0] for r in self._db.execute(f"SELECT sha256 FROM items WHERE sha256 IN ({q})", part))
+        return found
+
+    def max_id(self) -> int:
+        v = self._db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        return -1 if v is None else int(v)
+
+
+# --------------------------------------------------------------------- writing
+def create_items_db(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA)
+    return db
+
+
+def insert_items(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """rows: (id, key, source, label, label_name, split, sha256, width, height, image)."""
+    db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+
+
+def write_index_files(directory: Path, index: faiss.Index, manifest: dict[str, Any]) -> None:
+    faiss.write_index(index, str(directory / INDEX_FILE))
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+@contextmanager
+def writing(target: Path, copy_from: Path | None = None) -> Iterator[Path]:
+    """A temporary directory that atomically replaces ``target`` when the block succeeds.
+
+    With ``copy_from``, the temporary directory starts as a copy of it (for updates).
+    On any exception (including Ctrl-C) the temporary directory is removed and
+    ``target`` is untouched.
+    """
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        if copy_from is not None:
+            for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
+                shutil.copy2(Path(copy_from) / name, tmp / name)
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
