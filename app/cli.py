@@ -17,6 +17,8 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from pydantic import ValidationError  # noqa: E402
+
 from models.errors import ImgsimError  # noqa: E402
 from models.settings import get_settings  # noqa: E402
 
@@ -421,7 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_error(exc: ValidationError) -> str:
+    parts = [f"IMGSIM_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+    return "invalid setting " + "; ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        get_settings()
+    except ValidationError as exc:
+        print(f"imgsim: error: {_settings_error(exc)}", file=sys.stderr)
+        return 2
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] in (["index", "add"], ["index", "remove"]):  # `imgsim index add` == `imgsim index-add`

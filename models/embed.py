@@ -36,20 +36,28 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(value: object) -> bool:
+        """Queue ``value`` unless the consumer has gone (then False)."""
+        while not stop.is_set():
+            try:
+                q.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for value in source:
-                while not stop.is_set():
-                    try:
-                        q.put(value, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(value):
                     return
-            q.put(_DONE)
+            offer(_DONE)
         except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+            offer(exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="imgsim-prefetch", daemon=True)
     thread.start()
@@ -169,7 +177,8 @@ def save_embeddings(path: Path, emb: Embeddings, class_names: Sequence[str]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part.npz")
-    np.savez(
+    try:
+        np.savez(
         tmp,
         vectors=emb.vectors,
         keys=np.array(emb.keys, dtype=str),
@@ -177,8 +186,11 @@ def save_embeddings(path: Path, emb: Embeddings, class_names: Sequence[str]) -> 
         splits=np.array(emb.splits, dtype=str),
         class_names=np.array(list(class_names), dtype=str),
         meta=np.array(json.dumps(emb.meta)),
-    )
-    os.replace(tmp, path)
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_embeddings(path: Path) -> dict[str, object]:

@@ -120,16 +120,25 @@ class Embedder:
         self.input_size: int = m["input_size"]
         self.preprocessing = m["preprocessing"]
         self.class_names: list[str] = m["class_names"]
+        import tensorflow as tf
+
         self.model = keras.Model(
             trained.model.input,
             [trained.model.get_layer(m["embedding_layer"]).output, trained.model.output],
         )
         self._upper: keras.Model | None = None
+        # One graph for every batch size: predict_on_batch would retrace per new batch shape,
+        # which the service's variable-size micro-batches would hit constantly.
+        size = self.input_size
+        self._forward = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+        )
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities)."""
-        emb, probs = self.model.predict_on_batch(preprocess(batch, self.preprocessing))
-        return np.asarray(emb, dtype=np.float32), np.asarray(probs, dtype=np.float32)
+        emb, probs = self._forward(preprocess(batch, self.preprocessing))
+        return emb.numpy().astype(np.float32, copy=False), probs.numpy().astype(np.float32, copy=False)
 
     def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Same outputs from cached cut-layer features (frozen models: only the head runs)."""

