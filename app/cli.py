@@ -232,6 +232,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import ModelPair, ServiceSettings
+    from app.main import create_app
+
+    if len(args.model or []) != len(args.index or []):
+        raise ImgsimError("give --model and --index in pairs (one --index per --model)")
+    overrides: dict[str, object] = {}
+    if args.model:
+        overrides["models"] = [ModelPair(model=m, index=i) for m, i in zip(args.model, args.index)]
+    for field in ("host", "port"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    settings = ServiceSettings(**overrides)
+    for pair in settings.models:
+        for path, what in ((pair.model, "model"), (pair.index, "index")):
+            if not path.is_dir():
+                raise ImgsimError(f"{what} directory not found: {path}")
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument(
@@ -420,11 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="run the full model even when cached features exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the web service (FastAPI + uvicorn)",
+        description="Serve search/classify for one or more trained models and their indexes. "
+        "Repeat --model/--index pairs; the first is active. Without them, IMGSIM_MODELS is used.",
+    )
+    p.add_argument("--model", type=Path, action="append", help="MODEL_DIR (repeatable, paired with --index)")
+    p.add_argument("--index", type=Path, action="append", help="INDEX_DIR built from the preceding --model")
+    p.add_argument("--host", default=None, help="bind address (default IMGSIM_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default IMGSIM_PORT or 8000)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def _settings_error(exc: ValidationError) -> str:
-    parts = [f"IMGSIM_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+    parts = [
+        f"IMGSIM_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+    ]
     return "invalid setting " + "; ".join(parts)
 
 

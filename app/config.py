@@ -29,7 +29,9 @@ class ServiceSettings(Settings):
     max_upload_bytes: int = Field(10_000_000, ge=1, description="Larger uploads get 413.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one model call.")
     max_wait_ms: float = Field(
-        0.0, ge=0.0, le=1000.0,
+        0.0,
+        ge=0.0,
+        le=1000.0,
         description="Extra wait for a fuller batch; 0 = take whatever is queued (no added latency).",
     )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")

@@ -1,0 +1,121 @@
+"""The loaded models, their indexes and batchers, and which one is active."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.batching import MicroBatcher
+from app.config import ModelPair, ServiceSettings
+from indexer.build import model_identity
+from indexer.store import IndexStore
+from models.errors import ImgsimError
+from models.inference import Embedder, load_trained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    embedder: Embedder
+    store: IndexStore
+    batcher: MicroBatcher
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.embedder.trained.manifest
+
+    def run_batch(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One forward pass and one FAISS search for a whole batch (runs in the model's thread)."""
+        emb, probs = self.embedder(images)
+        scores, ids = self.store.search(emb, k)
+        return emb, probs, scores, ids
+
+
+def detect_device() -> str:
+    """'GPU:0 (name)' when TensorFlow sees a GPU, else 'CPU'."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return f"GPU ({', '.join(g.name for g in gpus)})"
+    return "CPU"
+
+
+class ModelRegistry:
+    """Name -> LoadedModel, plus the active name.
+
+    Switching is one reference assignment under a lock: a request resolves its model
+    once, at its start, and keeps that object, so in-flight requests finish on the model
+    they started with while later ones see the new active model.
+    """
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.models: dict[str, LoadedModel] = {}
+        self._active: str | None = None
+        self._lock = threading.Lock()
+        self.device = "unknown"
+        self.on_batch = None  # set by the app: (model name, batch size, seconds) -> None
+
+    def load(self, pair: ModelPair) -> LoadedModel:
+        trained = load_trained(pair.model)
+        name = pair.name or trained.manifest.get("name") or pair.model.resolve().name
+        if name in self.models:
+            raise ImgsimError(f"two models are named {name!r}; give them distinct names")
+        store = IndexStore.open(pair.index, expect_model=model_identity(trained))
+        embedder = Embedder(trained)
+        size = embedder.input_size
+        embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request
+
+        def on_batch(n: int, seconds: float, name: str = name) -> None:
+            if self.on_batch is not None:
+                self.on_batch(name, n, seconds)
+
+        s = self.settings
+        loaded = LoadedModel(name, embedder, store, None)  # type: ignore[arg-type]
+        loaded.batcher = MicroBatcher(loaded.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, on_batch, name)
+        self.models[name] = loaded
+        if self._active is None:
+            self._active = name
+        log.info(
+            "loaded model %s (%s, %d px) with %d indexed images",
+            name,
+            trained.manifest["backbone"],
+            size,
+            store.count(),
+        )
+        return loaded
+
+    @property
+    def active(self) -> str:
+        if self._active is None:
+            raise ImgsimError("no model loaded")
+        return self._active
+
+    def get(self, name: str | None) -> LoadedModel:
+        with self._lock:
+            key = name or self._active
+            if key is None or key not in self.models:
+                raise KeyError(name)
+            return self.models[key]
+
+    def set_active(self, name: str) -> None:
+        with self._lock:
+            if name not in self.models:
+                raise KeyError(name)
+            self._active = name
+
+    def start(self) -> None:
+        for m in self.models.values():
+            m.batcher.start()
+
+    async def stop(self) -> None:
+        for m in self.models.values():
+            await m.batcher.stop()
+            m.store.close()

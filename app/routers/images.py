@@ -1,0 +1,62 @@
+"""Indexed images (or thumbnails), read only from their dataset."""
+
+from __future__ import annotations
+
+import io
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+
+from app.deps import get_registry, resolve_model
+from app.registry import ModelRegistry
+from app.schemas import ErrorResponse
+from indexer.images import item_image_bytes
+from models.errors import ImgsimError
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+_MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif"}
+
+
+def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
+    """The stored bytes as they are, or a thumbnail (PNG for tiny images, else JPEG)."""
+    img = Image.open(io.BytesIO(data))
+    if size is None and img.format in _MEDIA:
+        return data, _MEDIA[img.format]
+    img = img.convert("RGB")
+    if size is not None:
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)  # never enlarges
+    fmt = "PNG" if max(img.size) <= 64 else "JPEG"
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90)
+    return buf.getvalue(), _MEDIA[fmt]
+
+
+@router.get(
+    "/{item_id}",
+    response_class=Response,
+    summary="An indexed image, or a thumbnail with ?size=",
+    responses={
+        200: {"content": {"image/jpeg": {}, "image/png": {}}},
+        404: {"model": ErrorResponse},
+        410: {"model": ErrorResponse},
+    },
+)
+async def get_image(
+    request: Request,
+    item_id: int,
+    model: str | None = Query(None, description="Model whose index the id belongs to (default: active)"),
+    size: int | None = Query(None, ge=16, le=1024, description="Longest side of a thumbnail in pixels"),
+    registry: ModelRegistry = Depends(get_registry),
+) -> Response:
+    loaded = resolve_model(registry, model)
+    request.state.model = loaded.name
+    try:
+        data = await run_in_threadpool(item_image_bytes, loaded.store, item_id)
+    except KeyError:
+        raise HTTPException(404, f"no item {item_id} in the index of model {loaded.name!r}") from None
+    except ImgsimError as exc:
+        raise HTTPException(410, str(exc)) from None
+    body, media = await run_in_threadpool(_render, data, size)
+    return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})

@@ -1,0 +1,116 @@
+"""Request and response schemas; their examples show up in Swagger UI."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Neighbour(BaseModel):
+    id: int = Field(description="Item id in the model's index (stable across index updates).")
+    score: float = Field(description="Cosine similarity to the query, -1..1.")
+    label: str | None = Field(description="Class of the indexed image (null when unknown).")
+    url: str = Field(description="Where to fetch the image.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"id": 4711, "score": 0.93, "label": "cat", "url": "/v1/images/4711?model=resnet50"}
+        }
+    )
+
+
+class ClassScore(BaseModel):
+    label: str
+    probability: float
+
+
+class SearchResponse(BaseModel):
+    model: str = Field(description="Model that answered.")
+    took_ms: float = Field(description="Server-side time for this request.")
+    results: list[Neighbour]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "model": "resnet50-cifar10",
+                "took_ms": 41.2,
+                "results": [
+                    {"id": 4711, "score": 0.93, "label": "cat", "url": "/v1/images/4711?model=resnet50-cifar10"}
+                ],
+            }
+        }
+    )
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="Most probable class from the fine-tuned head.")
+    probability: float
+    top: list[ClassScore] = Field(description="Most probable classes, best first.")
+    neighbour_vote: str | None = Field(description="Majority label of the 5 nearest indexed images.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    took_ms: float
+    prediction: Prediction
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "model": "resnet50-cifar10",
+                "took_ms": 38.0,
+                "prediction": {
+                    "label": "cat",
+                    "probability": 0.91,
+                    "top": [{"label": "cat", "probability": 0.91}, {"label": "dog", "probability": 0.06}],
+                    "neighbour_vote": "cat",
+                },
+            }
+        }
+    )
+
+
+class AnalyzeResponse(BaseModel):
+    model: str
+    took_ms: float
+    prediction: Prediction
+    results: list[Neighbour]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    active: bool
+    backbone: str
+    input_size: int
+    classes: list[str]
+    embedding_dim: int
+    index_size: int
+    index_type: str
+    metrics: dict[str, float | int | None] = Field(description="Metrics recorded in the model's manifest.")
+
+
+class ModelsResponse(BaseModel):
+    active: str
+    models: list[ModelInfo]
+
+
+class ActivateRequest(BaseModel):
+    name: str = Field(description="Name of a loaded model.", examples=["vgg16-cifar10"])
+
+
+class ActiveResponse(BaseModel):
+    active: str
+    previous: str
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Ready(BaseModel):
+    status: str = Field(examples=["ready"])
+    device: str = Field(description="Where inference runs: CPU or GPU.", examples=["CPU"])
+    models: dict[str, int] = Field(description="Loaded model -> indexed images.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["unknown model 'x'; loaded: resnet50-cifar10, vgg16-cifar10"])
