@@ -5,8 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar10-jpg.tar.gz
 OUT ?= out
+DEMO ?= $(OUT)/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-build demo-check test venv clean
 
 $(BIN)/imgsim: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -17,12 +20,42 @@ $(BIN)/imgsim: pyproject.toml
 
 venv: $(BIN)/imgsim
 
-demo: venv
-	$(BIN)/imgsim weights
-	$(BIN)/imgsim embed --backbone resnet50 --data $(DATA) --split test --max-per-class 50 --input-size 64 --out $(OUT)/demo-embeddings.npz
+# The demo: ImageNet weights -> fine-tune ResNet50 on a CIFAR-10 sample -> index -> serve.
+# Steps whose output exists are skipped, so a second `make demo` starts serving at once.
+demo: demo-build
+	$(BIN)/imgsim serve --model $(DEMO)/model --index $(DEMO)/index --host $(HOST) --port $(PORT)
+
+demo-build: venv
+	$(BIN)/imgsim weights --quiet
+	test -f $(DEMO)/model/manifest.json || $(BIN)/imgsim train --backbone resnet50 --data $(DATA) \
+	  --out $(DEMO)/model --input-size 64 --trainable frozen --max-per-class 500 --epochs 15 --patience 3
+	test -f $(DEMO)/index/manifest.json || $(BIN)/imgsim index --model $(DEMO)/model --data $(DATA) --out $(DEMO)/index
+
+# Start the demo service in the background, wait for /readyz, search with a test photo, stop.
+demo-check: demo-build
+	bash scripts/demo-check.sh $(BIN) $(DEMO) $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# ---- CIFAR-10 results (docs/results.md): long CPU runs, not part of CI -------------
+CIFAR ?= ../shared/data/cifar10-jpg.tar.gz
+RUNS ?= runs
+
+.PHONY: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble cifar10-results
+cifar10-resnet50: venv
+	$(BIN)/imgsim train --backbone resnet50 --data $(CIFAR) --out $(RUNS)/resnet50-cifar10 --input-size 128 \
+	  --trainable last-block --epochs 6 --patience 2 --learning-rate 3e-4
+cifar10-vgg16: venv
+	$(BIN)/imgsim train --backbone vgg16 --data $(CIFAR) --out $(RUNS)/vgg16-cifar10 --input-size 64 \
+	  --trainable last-block --epochs 8 --patience 2 --learning-rate 3e-4
+cifar10-simple-cnn: venv
+	$(BIN)/imgsim train --backbone simple-cnn --data $(CIFAR) --out $(RUNS)/simple-cnn-cifar10 --input-size 32 \
+	  --epochs 12 --patience 3 --learning-rate 1e-3
+cifar10-ensemble: venv
+	$(BIN)/imgsim evaluate-ensemble --data $(CIFAR) --model $(RUNS)/resnet50-cifar10 --model $(RUNS)/vgg16-cifar10 \
+	  --model $(RUNS)/simple-cnn-cifar10 --json $(RUNS)/ensemble.json
+cifar10-results: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble
