@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from models.settings import Settings
 
@@ -38,6 +38,12 @@ class ServiceSettings(Settings):
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        """An empty IMGSIM_API_KEY (e.g. an unset compose variable) means no key."""
+        return None if v in ("", None) else v
 
 
 @lru_cache
