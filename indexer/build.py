@@ -227,7 +227,7 @@ def build_index(
         },
         "index_type": index_type,
         "index_params": params,
-        "faiss_index": type(index.index).__name__,
+        "faiss_index": type(getattr(index, "index", index)).__name__,  # IVF is not inside an id map
         "embedding_path": path_taken,
         "created": now,
         "updated": now,
@@ -251,7 +251,10 @@ def add_images(
     trained = load_trained(Path(manifest["model"]["path"]))
     store.check(model_identity(trained))
     class_names = manifest["dataset"]["class_names"]
-    label_id = class_names.index(label) if label in class_names else -1
+    if label is not None and label not in class_names:
+        store.close()
+        raise ImgsimError(f"unknown label {label!r}; the index's classes are: {', '.join(class_names)}")
+    label_id = class_names.index(label) if label is not None else -1
 
     files: list[Path] = []
     for p in map(Path, paths):

@@ -24,6 +24,7 @@ K_MAX = 10
 def exact_recall_at_k(store: IndexStore, queries: np.ndarray, approx_ids: np.ndarray, k: int = 5) -> float:
     """Share of the exact top-k (brute force over the stored vectors) the index returned."""
     ids, vectors = all_vectors(store.index)
+    k = min(k, len(ids))  # an index smaller than k: FAISS would pad with -1, i.e. ids[-1]
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
     _, pos = flat.search(queries, k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def item_image_bytes(store: IndexStore, item_id: int) -> bytes:
 
     Folder datasets store a relative key; it is resolved under the dataset root and refused
     if it escapes it (a tampered table must not turn into an arbitrary file read).
-    Images added later (`imgsim index add`) store their own absolute path as the source.
+    Images added later (`imgsim index add`) store their own absolute path as the source;
+    their bytes must still hash to the recorded sha256, so a tampered path reads nothing.
     """
     row, data = store.image_bytes(item_id)
     if data is not None:
@@ -25,14 +27,17 @@ def item_image_bytes(store: IndexStore, item_id: int) -> bytes:
     if row.split == "added":
         path = source.resolve()
     else:
-        root = source.resolve()
+        root = Path(store.manifest["dataset"]["spec"]).resolve()  # not the row's source: the table may be tampered
         path = (root / row.key).resolve()
         if not path.is_relative_to(root):
             raise ImgsimError(f"item {item_id} points outside its dataset")
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ImgsimError(f"image of item {item_id} is no longer readable: {exc.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise ImgsimError(f"image of item {item_id} changed on disk since it was indexed")
+    return data
 
 
 def load_item_image(store: IndexStore, item_id: int) -> Image.Image:

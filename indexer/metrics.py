@@ -22,7 +22,7 @@ def relevance(retrieved_labels: np.ndarray, query_labels: np.ndarray) -> np.ndar
 
 
 def precision_at_k(rel: np.ndarray, k: int) -> np.ndarray:
-    return rel[:, :k].mean(axis=1)
+    return rel[:, :k].sum(axis=1) / k  # fewer than k results (a tiny index): the missing ones are misses
 
 
 def average_precision_at_k(rel: np.ndarray, k: int, n_relevant: np.ndarray) -> np.ndarray:

@@ -130,7 +130,11 @@ class IndexStore:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         index = faiss.read_index(str(path / INDEX_FILE))
         store = cls(path, index, manifest)
-        store.check(expect_model)
+        try:
+            store.check(expect_model)
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def check(self, expect_model: dict[str, Any] | None = None) -> None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # Keras' "caffe" mode: RGB -> BGR, subtract the ImageNet mean per channel (BGR order).
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
-Preprocessing = Literal["caffe", "unit"]
+Preprocessing = Literal["caffe", "unit", "raw"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def get_spec(name: str) -> BackboneSpec:
 def preprocess(batch: np.ndarray, mode: Preprocessing) -> np.ndarray:
     """uint8 RGB (N, H, W, 3) -> float32 network input; same maths as Keras' preprocess_input."""
     x = np.asarray(batch, dtype=np.float32)
+    if mode == "raw":  # the model rescales its uint8-range input itself (simple-cnn)
+        return x
     if mode == "caffe":
         return x[..., ::-1] - CAFFE_MEAN_BGR
     if mode == "unit":
