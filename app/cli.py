@@ -232,6 +232,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_pairs(pairs: Sequence[object]) -> None:
+    """Refuse bad model/index pairs with one line before uvicorn starts (no Keras needed)."""
+    from indexer.build import model_identity
+    from indexer.store import IndexStore
+
+    names: set[str] = set()
+    for pair in pairs:
+        for path, what in ((pair.model, "model"), (pair.index, "index")):  # type: ignore[attr-defined]
+            if not path.is_dir():
+                raise ImgsimError(f"{what} directory not found: {path}")
+        ident = model_identity(pair.model)  # type: ignore[attr-defined]
+        name = pair.name or ident["name"]  # type: ignore[attr-defined]
+        if name in names:
+            raise ImgsimError(f"two models are named {name!r}; give them distinct names")
+        names.add(name)
+        IndexStore.open(pair.index, expect_model=ident).close()  # type: ignore[attr-defined]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -247,10 +265,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     settings = ServiceSettings(**overrides)
-    for pair in settings.models:
-        for path, what in ((pair.model, "model"), (pair.index, "index")):
-            if not path.is_dir():
-                raise ImgsimError(f"{what} directory not found: {path}")
+    if not settings.models:
+        raise ImgsimError("no models configured: pass --model DIR --index DIR, or set IMGSIM_MODELS")
+    _check_model_pairs(settings.models)
     url = f"http://{settings.host}:{settings.port}"
     print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.datasets import UnreadableImage, decode_image
+from models.datasets import UnreadableImage, _looks_like_image, decode_image
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"}  # MPO: multi-picture JPEG from cameras
 ALLOWED_CONTENT_TYPES = {
@@ -46,6 +46,8 @@ def decode_upload(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels decoded yet
             fmt = img.format
     except UnidentifiedImageError:
+        if _looks_like_image(data[:16]):  # a known signature whose header Pillow cannot parse: damaged, not alien
+            raise UploadError(422, "corrupt or truncated image: damaged image header") from None
         raise UploadError(415, "not an image (or an unsupported format): send JPEG, PNG, WebP, BMP or GIF") from None
     except Image.DecompressionBombError:
         raise UploadError(413, f"image has too many pixels (limit {max_pixels})") from None

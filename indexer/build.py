@@ -36,7 +36,7 @@ from models.datasets import Dataset, Item, SkipCounter, open_dataset
 from models.embed import stream_forward
 from models.errors import ImgsimError
 from models.features import load_cache
-from models.inference import Embedder, TrainedModel, load_trained
+from models.inference import Embedder, TrainedModel, load_trained, read_manifest
 from models.settings import Settings, get_settings
 from models.train import MODEL_FILE, package_version
 from models.weights import file_digest
@@ -58,14 +58,21 @@ class BuildReport:
         return self.count / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
-def model_identity(trained: TrainedModel) -> dict[str, Any]:
-    """What an index records about its model, and what loading checks against."""
-    m = trained.manifest
+def model_identity(model: TrainedModel | Path) -> dict[str, Any]:
+    """What an index records about its model, and what loading checks against.
+
+    Takes a loaded model or just its directory (no Keras needed: manifest + file hash).
+    """
+    if isinstance(model, TrainedModel):
+        path, m, name = model.path, model.manifest, model.name
+    else:
+        path, m = Path(model), read_manifest(Path(model))
+        name = str(m.get("name") or path.name)
     return {
-        "name": trained.name,
-        "path": str(trained.path.resolve()),
+        "name": name,
+        "path": str(path.resolve()),
         "backbone": m["backbone"],
-        "model_sha256": file_digest(trained.path / MODEL_FILE),
+        "model_sha256": file_digest(path / MODEL_FILE),
         "imagenet_weights_sha256": (m.get("weights") or {}).get("sha256"),
         "embedding_layer": m["embedding_layer"],
         "embedding_dim": m["embedding_dim"],

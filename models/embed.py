@@ -179,13 +179,13 @@ def save_embeddings(path: Path, emb: Embeddings, class_names: Sequence[str]) -> 
     tmp = path.with_name(path.name + ".part.npz")
     try:
         np.savez(
-        tmp,
-        vectors=emb.vectors,
-        keys=np.array(emb.keys, dtype=str),
-        labels=emb.labels,
-        splits=np.array(emb.splits, dtype=str),
-        class_names=np.array(list(class_names), dtype=str),
-        meta=np.array(json.dumps(emb.meta)),
+            tmp,
+            vectors=emb.vectors,
+            keys=np.array(emb.keys, dtype=str),
+            labels=emb.labels,
+            splits=np.array(emb.splits, dtype=str),
+            class_names=np.array(list(class_names), dtype=str),
+            meta=np.array(json.dumps(emb.meta)),
         )
         os.replace(tmp, path)
     except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
@@ -45,7 +45,7 @@ def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
 )
 async def get_image(
     request: Request,
-    item_id: int,
+    item_id: int = Path(ge=0, le=2**63 - 1, description="Item id from a search result"),  # SQLite INTEGER range
     model: str | None = Query(None, description="Model whose index the id belongs to (default: active)"),
     size: int | None = Query(None, ge=16, le=1024, description="Longest side of a thumbnail in pixels"),
     registry: ModelRegistry = Depends(get_registry),
@@ -58,5 +58,8 @@ async def get_image(
         raise HTTPException(404, f"no item {item_id} in the index of model {loaded.name!r}") from None
     except ImgsimError as exc:
         raise HTTPException(410, str(exc)) from None
-    body, media = await run_in_threadpool(_render, data, size)
+    try:
+        body, media = await run_in_threadpool(_render, data, size)
+    except (OSError, ValueError) as exc:  # Pillow: unreadable stored image
+        raise HTTPException(410, f"image of item {item_id} cannot be decoded: {exc}") from None
     return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
