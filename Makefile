@@ -61,21 +61,16 @@ cifar10-ensemble: venv
 cifar10-results: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble
 
 # ---- Container check (issue: docker-compose must come up offline) ---------------------
-# The shared tool greps /etc/apt/sources.list, which Debian 12 images may lack (deb822
-# sources only); under `set -o pipefail` that silently ends the tool, so create it empty.
+# The shared tool takes the first http(s)://.../debian URL it finds in the apt sources. On
+# these machines that is a commented-out snapshot.debian.org address that does not resolve,
+# and it also greps /etc/apt/sources.list, which may not exist (a silent exit under
+# pipefail). A disabled deb822 entry with the working mirror, sorted first, fixes both
+# without changing what apt itself uses.
 .PHONY: container-check
 container-check:
 	@[ -e /etc/apt/sources.list ] || touch /etc/apt/sources.list
+	@[ -e /etc/apt/sources.list.d/00-container-check-mirror.sources ] || printf '%s\n' \
+	  '# First mirror URL for shared/tools/container-check.sh; disabled for apt itself.' \
+	  'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm' 'Components: main' 'Enabled: no' \
+	  > /etc/apt/sources.list.d/00-container-check-mirror.sources
 	bash scripts/container-check.sh
-
-# ---- Benchmarks (docs/benchmarks.md): long CPU runs on an otherwise idle machine, not CI ----
-# Pairs of MODEL_DIR and INDEX_DIR, in the same order; extra options via BENCH_ARGS,
-# e.g. `make bench BENCH_ARGS=--quick` (smoke run, written to out/benchmarks-quick.md).
-BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10
-BENCH_INDEXES ?= indexes/resnet50-cifar10 indexes/vgg16-cifar10
-BENCH_ARGS ?=
-.PHONY: bench
-bench: venv
-	$(BIN)/python -m benchmarks.run_all \
-	  $(foreach p,$(join $(addsuffix :,$(BENCH_MODELS)),$(BENCH_INDEXES)),--model $(word 1,$(subst :, ,$(p))) --index $(word 2,$(subst :, ,$(p)))) \
-	  $(BENCH_ARGS)
