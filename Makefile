@@ -74,3 +74,15 @@ container-check:
 	  'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm' 'Components: main' 'Enabled: no' \
 	  > /etc/apt/sources.list.d/00-container-check-mirror.sources
 	bash scripts/container-check.sh
+
+# ---- Benchmarks (docs/benchmarks.md): long CPU runs on an otherwise idle machine, not CI ----
+# Pairs of MODEL_DIR and INDEX_DIR, in the same order; extra options via BENCH_ARGS,
+# e.g. `make bench BENCH_ARGS=--quick` (smoke run, written to out/benchmarks-quick.md).
+BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10
+BENCH_INDEXES ?= indexes/resnet50-cifar10 indexes/vgg16-cifar10
+BENCH_ARGS ?=
+.PHONY: bench
+bench: venv
+	$(BIN)/python -m benchmarks.run_all \
+	  $(foreach p,$(join $(addsuffix :,$(BENCH_MODELS)),$(BENCH_INDEXES)),--model $(word 1,$(subst :, ,$(p))) --index $(word 2,$(subst :, ,$(p)))) \
+	  $(BENCH_ARGS)

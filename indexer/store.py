@@ -118,6 +118,7 @@ class IndexStore:
         self.index = index
         self.manifest = manifest
         self._db = sqlite3.connect(self.path / ITEMS_FILE, check_same_thread=False)
+        self._names: dict[int, str | None] | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -185,6 +186,16 @@ class IndexStore:
         rows = self.rows(np.unique(flat[flat >= 0]).tolist())
         lookup = np.array([rows[i].label if i in rows else -1 for i in flat.tolist()], dtype=np.int64)
         return lookup.reshape(ids.shape)
+
+    def label_names(self, ids: Sequence[int]) -> list[str | None]:
+        """Label names of ids from an in-memory map loaded on first use.
+
+        For the service's hot path: a read-only store answers from memory instead of a
+        SQLite query per request. Writers use a fresh store, so the map never goes stale.
+        """
+        if self._names is None:
+            self._names = dict(self._db.execute("SELECT id, label_name FROM items"))
+        return [self._names.get(int(i)) for i in ids]
 
     def label_counts(self, n_classes: int) -> np.ndarray:
         """Indexed items per label (the R in AP@k)."""

@@ -65,29 +65,23 @@ async def _run(
 
 def _neighbours(loaded: LoadedModel, result: Result, k: int) -> list[Neighbour]:
     ids = [int(i) for i in result.ids[:k] if i >= 0]
-    rows = loaded.store.rows(ids)
+    names = loaded.store.label_names(ids)
     return [
-        Neighbour(
-            id=i,
-            score=round(float(s), 6),
-            label=rows[i].label_name if i in rows else None,
-            url=f"/v1/images/{i}?model={loaded.name}",
-        )
-        for i, s in zip(ids, result.scores[:k])
+        Neighbour(id=i, score=round(float(s), 6), label=name, url=f"/v1/images/{i}?model={loaded.name}")
+        for i, s, name in zip(ids, result.scores[:k], names)
     ]
 
 
 def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction:
     names = loaded.embedder.class_names
     order = np.argsort(result.probs)[::-1][:top]
-    ids = [int(i) for i in result.ids[:VOTE_K] if i >= 0]
-    rows = loaded.store.rows(ids)
-    votes = Counter(rows[i].label_name for i in ids if i in rows and rows[i].label_name)
+    voters = [n for n in loaded.store.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
+    votes = Counter(voters)
     vote = None
     if votes:
         # Ties go to the label whose best neighbour ranks highest.
         best = max(votes.values())
-        vote = next(rows[i].label_name for i in ids if i in rows and votes.get(rows[i].label_name) == best)
+        vote = next(n for n in voters if votes[n] == best)
     return Prediction(
         label=names[int(order[0])],
         probability=round(float(result.probs[order[0]]), 6),
