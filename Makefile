@@ -58,7 +58,13 @@ cifar10-simple-cnn: venv
 cifar10-ensemble: venv
 	$(BIN)/imgsim evaluate-ensemble --data $(CIFAR) --model $(RUNS)/resnet50-cifar10 --model $(RUNS)/vgg16-cifar10 \
 	  --model $(RUNS)/simple-cnn-cifar10 --json $(RUNS)/ensemble.json
-cifar10-results: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble
+INDEXES ?= indexes
+cifar10-index-%: venv
+	$(BIN)/imgsim index --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10
+	$(BIN)/imgsim evaluate --model $(RUNS)/$*-cifar10 --index $(INDEXES)/$*-cifar10 --data $(CIFAR) \
+	  --json $(RUNS)/$*-cifar10-retrieval.json --plot $(RUNS)/$*-cifar10-retrieval.png
+cifar10-results: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble \
+	cifar10-index-resnet50 cifar10-index-vgg16
 
 # ---- Container check (issue: docker-compose must come up offline) ---------------------
 # The shared tool takes the first http(s)://.../debian URL it finds in the apt sources. On
