@@ -219,6 +219,16 @@ def _features(
     return features, key, False, [skipped.summary()] if skipped.total else []
 
 
+def _add_timing(state: Path, **seconds: float) -> dict[str, float]:
+    """Accumulate extract/fit/wall seconds across interrupted and resumed runs."""
+    path = state / "timing.json"
+    total = json.loads(path.read_text()) if path.is_file() else {}
+    for k, v in seconds.items():
+        total[k] = total.get(k, 0.0) + v
+    path.write_text(json.dumps(total))
+    return {**total, "this_run_wall": seconds.get("wall", 0.0)}
+
+
 def _evaluate(upper: keras.Model, split: FeatureSplit, batch_size: int) -> np.ndarray:
     return np.asarray(upper.predict(_batches(split, batch_size, False, 0, False), verbose=0))
 
@@ -281,14 +291,19 @@ def train(
     if opts.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(opts.tensorboard)))
     t0 = time.perf_counter()
-    upper.fit(
-        _batches(feats["train"], opts.batch_size, True, opts.seed + done_epochs, opts.flip),
-        validation_data=_batches(feats["val"], opts.batch_size, False, 0, False),
-        epochs=opts.epochs,
-        callbacks=cbs + list(callbacks or []),
-        verbose=1 if progress else 2,
-    )
-    fit_seconds = time.perf_counter() - t0
+    try:
+        upper.fit(
+            _batches(feats["train"], opts.batch_size, True, opts.seed + done_epochs, opts.flip),
+            validation_data=_batches(feats["val"], opts.batch_size, False, 0, False),
+            epochs=opts.epochs,
+            callbacks=cbs + list(callbacks or []),
+            verbose=1 if progress else 2,
+        )
+    finally:  # keep the time spent so far, also when interrupted, so a resumed run reports the total
+        timing = _add_timing(
+            state, extract=extract_seconds, fit=time.perf_counter() - t0, wall=time.perf_counter() - started
+        )
+    extract_seconds, fit_seconds = timing["extract"], timing["fit"]
     upper.load_weights(state / "best.weights.h5")
     history = json.loads((state / "history.json").read_text())
     best_epoch = int(np.argmin(history["val_loss"]))
@@ -341,7 +356,7 @@ def train(
             "epochs": opts.epochs,
             "extract_seconds": round(extract_seconds, 1),
             "fit_seconds": round(fit_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - started, 1),
+            "wall_seconds": round(timing["wall"] + time.perf_counter() - started - timing["this_run_wall"], 1),
             "resumed_from_epoch": done_epochs,
             "feature_cache_hit": hit,
         },
