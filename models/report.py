@@ -51,6 +51,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -59,6 +60,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "o-", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
