@@ -45,6 +45,6 @@ until curl -fsS -m 5 "$URL/readyz" >/dev/null 2>&1; do
   [ $(( $(date +%s) - t4 )) -lt 300 ] || { echo "container-check: FAILED: second up not ready" >&2; exit 1; }
   sleep 2
 done
-echo "container-check: second up -> /readyz 200 after $(( $(date +%s) - t4 )) s; prepare said: $(compose logs prepare 2>&1 | grep -E 'exists|done' | tr '\n' ' ')"
+echo "container-check: second up -> /readyz 200 after $(( $(date +%s) - t4 )) s; prepare said: $(compose logs prepare 2>&1 | sed 's/\x1b\[[0-9;]*m//g; s/.*| //' | grep -E 'exists|done' | tail -3 | tr '\n' ' ')"
 compose logs prepare 2>&1 | grep -q "not retraining" || { echo "container-check: FAILED: second up retrained" >&2; exit 1; }
 echo "container-check: PASSED in $(( $(date +%s) - t0 )) s (5 search results from the container; volume reused)"
