@@ -53,6 +53,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from models.backbones import build_backbone, get_spec, make_forward
     from models.datasets import open_dataset
     from models.embed import embed_items, save_embeddings
@@ -72,7 +74,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     model, info = build_backbone(args.backbone, args.input_size, pretrained=not args.random_init, settings=settings)
     forward = make_forward(model, spec.preprocessing)
-    forward(__import__("numpy").zeros((1, args.input_size, args.input_size, 3), "uint8"))  # warm-up: trace once
+    forward(np.zeros((1, args.input_size, args.input_size, 3), np.uint8))  # warm-up: trace once
     emb = embed_items(forward, dataset, items, args.input_size, args.batch_size, progress=not args.quiet)
     emb.meta = {
         "backbone": args.backbone,
