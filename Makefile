@@ -23,13 +23,13 @@ venv: $(BIN)/imgsim
 # The demo: ImageNet weights -> fine-tune ResNet50 on a CIFAR-10 sample -> index -> serve.
 # Steps whose output exists are skipped, so a second `make demo` starts serving at once.
 demo: demo-build
-	$(BIN)/imgsim serve --model $(DEMO)/model --index $(DEMO)/index --host $(HOST) --port $(PORT)
+	$(BIN)/imgsim serve --model $(DEMO)/resnet50-demo --index $(DEMO)/resnet50-demo-index --host $(HOST) --port $(PORT)
 
 demo-build: venv
 	$(BIN)/imgsim weights --quiet
-	test -f $(DEMO)/model/manifest.json || $(BIN)/imgsim train --backbone resnet50 --data $(DATA) \
-	  --out $(DEMO)/model --input-size 64 --trainable frozen --max-per-class 500 --epochs 15 --patience 3
-	test -f $(DEMO)/index/manifest.json || $(BIN)/imgsim index --model $(DEMO)/model --data $(DATA) --out $(DEMO)/index
+	test -f $(DEMO)/resnet50-demo/manifest.json || $(BIN)/imgsim train --backbone resnet50 --data $(DATA) \
+	  --out $(DEMO)/resnet50-demo --input-size 64 --trainable frozen --max-per-class 500 --epochs 15 --patience 3
+	test -f $(DEMO)/resnet50-demo-index/manifest.json || $(BIN)/imgsim index --model $(DEMO)/resnet50-demo --data $(DATA) --out $(DEMO)/resnet50-demo-index
 
 # Start the demo service in the background, wait for /readyz, search with a test photo, stop.
 demo-check: demo-build

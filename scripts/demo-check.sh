@@ -5,7 +5,7 @@ set -euo pipefail
 BIN=$1 DEMO=$2 PORT=$3
 LOG=$(mktemp)
 start=$(date +%s)
-"$BIN/imgsim" serve --model "$DEMO/model" --index "$DEMO/index" --port "$PORT" >"$LOG" 2>&1 &
+"$BIN/imgsim" serve --model "$DEMO/resnet50-demo" --index "$DEMO/resnet50-demo-index" --port "$PORT" >"$LOG" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG" /tmp/imgsim-demo-query.jpg' EXIT
 until curl -fsS -m 2 "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do
