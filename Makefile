@@ -51,7 +51,7 @@ cifar10-resnet50: venv
 	  --trainable last-block --epochs 2 --patience 2 --learning-rate 3e-4
 cifar10-vgg16: venv
 	$(BIN)/imgsim train --backbone vgg16 --data $(CIFAR) --out $(RUNS)/vgg16-cifar10 --input-size 64 \
-	  --trainable last-block --epochs 4 --patience 2 --learning-rate 3e-4
+	  --trainable last-block --epochs 6 --patience 2 --learning-rate 3e-4
 cifar10-simple-cnn: venv
 	$(BIN)/imgsim train --backbone simple-cnn --data $(CIFAR) --out $(RUNS)/simple-cnn-cifar10 --input-size 32 \
 	  --epochs 8 --patience 3 --learning-rate 1e-3

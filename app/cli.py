@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -487,7 +488,13 @@ def _settings_error(exc: ValidationError) -> str:
     return "invalid setting " + "; ".join(parts)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (docker stop, kill) ends a run like Ctrl-C: atomic writes clean up, training can resume."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         get_settings()
     except ValidationError as exc:
