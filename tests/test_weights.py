@@ -162,3 +162,19 @@ def test_vgg16_imagenet_features_beat_random_init() -> None:
     print(msg)
     assert results[True] >= results[False] + 0.15, msg
     assert results[True] >= 0.40, msg
+
+
+def test_tensor_digest_is_stable_and_content_based() -> None:
+    """Rebuilt weights must keep their hash (HDF5 timestamps must not matter)."""
+    import keras
+
+    from models.weights import tensor_digest
+
+    def tiny(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((4,))
+        return keras.Model(inp, keras.layers.Dense(3)(inp))
+
+    a, b, c = tiny(0), tiny(0), tiny(1)
+    assert tensor_digest(a) == tensor_digest(b)
+    assert tensor_digest(a) != tensor_digest(c)
