@@ -124,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for line in result.messages:
         print(line, file=sys.stderr)
     m, t = result.manifest["metrics"], result.manifest["training"]
+    depth = "from scratch" if opts.backbone == "simple-cnn" else opts.trainable
     test = (
         f"test accuracy {m['test_accuracy']:.4f} on {m['test_count']} images"
         if "test_accuracy" in m
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     resumed = f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
     print(
-        f"trained {opts.backbone} ({opts.trainable}, {opts.input_size} px): best epoch {m['best_epoch']}/{m['epochs_run']}, "
+        f"trained {opts.backbone} ({depth}, {opts.input_size} px): best epoch {m['best_epoch']}/{m['epochs_run']}, "
         f"val accuracy {m['val_accuracy']:.4f}, {test}; wall {t['wall_seconds']:.0f} s "
         f"(features {t['extract_seconds']:.0f} s, fit {t['fit_seconds']:.0f} s{resumed}) -> {opts.out}"
     )

@@ -315,7 +315,8 @@ def train(
         "epochs_run": len(history["val_loss"]),
     }
     out = opts.out
-    title = f"{opts.backbone} ({opts.trainable}, {opts.input_size}px)"
+    depth = "from scratch" if opts.backbone == "simple-cnn" else opts.trainable
+    title = f"{opts.backbone} ({depth}, {opts.input_size}px)"
     test = feats.get("test")
     if test is not None and len(test):
         probs = _evaluate(upper, test, opts.batch_size)
