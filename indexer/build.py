@@ -35,8 +35,7 @@ from indexer.store import (
 from models.datasets import Dataset, Item, SkipCounter, open_dataset
 from models.embed import stream_forward
 from models.errors import ImgsimError
-from models.features import load_cache
-from models.inference import Embedder, TrainedModel, load_trained, read_manifest
+from models.inference import Embedder, TrainedModel, load_trained, read_manifest, training_cache
 from models.settings import Settings, get_settings
 from models.train import MODEL_FILE, package_version
 from models.weights import file_digest
@@ -133,20 +132,19 @@ def embed_split(
     labels: list[np.ndarray] = []
     embs: list[np.ndarray] = []
     probs: list[np.ndarray] = []
-    if use_cache and m.get("feature_cache") and m["dataset"]["fingerprint"] == dataset.fingerprint:
-        cache = load_cache(settings.cache_dir / "features" / m["feature_cache"])
-        if cache is not None and all(s in cache for s in splits):
-            from tqdm.auto import tqdm
+    cache = training_cache(m, dataset, splits, settings) if use_cache else None
+    if cache is not None:
+        from tqdm.auto import tqdm
 
-            for s in splits:
-                feats = cache[s]
-                for i in tqdm(range(0, len(feats), 256), desc=f"head on cached {s}", disable=not progress):
-                    e, p = embedder.head_from_features(feats.x[i : i + 256])
-                    embs.append(e)
-                    probs.append(p)
-                keys += feats.keys
-                labels.append(feats.y)
-            return keys, np.concatenate(labels), np.concatenate(embs), np.concatenate(probs), "cached-features", skipped
+        for s in splits:
+            feats = cache[s]
+            for i in tqdm(range(0, len(feats), 256), desc=f"head on cached {s}", disable=not progress):
+                e, p = embedder.head_from_features(feats.x[i : i + 256])
+                embs.append(e)
+                probs.append(p)
+            keys += feats.keys
+            labels.append(feats.y)
+        return keys, np.concatenate(labels), np.concatenate(embs), np.concatenate(probs), "cached-features", skipped
     for batch_items, (e, p) in stream_forward(
         embedder, dataset, items, embedder.input_size, batch_size, skipped, progress
     ):

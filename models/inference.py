@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from models.backbones import preprocess
 from models.datasets import Dataset, SkipCounter
 from models.embed import stream_forward
 from models.errors import ImgsimError
-from models.features import load_cache
+from models.features import FeatureSplit, load_cache
 from models.settings import Settings, get_settings
 from models.train import MANIFEST, MODEL_FILE
 
@@ -50,6 +51,22 @@ def load_trained(model_dir: Path) -> TrainedModel:
     return TrainedModel(Path(model_dir), keras.saving.load_model(file, compile=False), manifest)
 
 
+def training_cache(
+    manifest: dict[str, Any], dataset: Dataset, splits: Sequence[str], settings: Settings
+) -> dict[str, FeatureSplit] | None:
+    """The training run's cached cut-layer features for ``splits`` of ``dataset``, if they apply.
+
+    They apply only to the very dataset the model was trained on (same fingerprint, so the
+    same files, split and cap) and only when the cache still holds every requested split.
+    """
+    if not manifest.get("feature_cache") or manifest["dataset"]["fingerprint"] != dataset.fingerprint:
+        return None
+    cache = load_cache(settings.cache_dir / "features" / manifest["feature_cache"])
+    if cache is None or not all(s in cache for s in splits):
+        return None
+    return cache
+
+
 def predict_split(
     trained: TrainedModel,
     dataset: Dataset,
@@ -69,10 +86,8 @@ def predict_split(
         raise ImgsimError(
             f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m['class_names']}"
         )
-    cache = None
-    if m.get("feature_cache") and m["dataset"]["fingerprint"] == dataset.fingerprint:
-        cache = load_cache(settings.cache_dir / "features" / m["feature_cache"])
-    if cache is not None and split in cache:
+    cache = training_cache(m, dataset, [split], settings)
+    if cache is not None:
         _, upper = split_model(trained.model, m["cut_layer"])
         feats = cache[split]
         probs = np.concatenate(
