@@ -116,6 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         dropout=args.dropout,
         flip=args.flip,
+        shift=args.shift,
+        lr_schedule=args.lr_schedule,
+        mixed_precision=args.mixed_precision,
         tensorboard=args.tensorboard,
         test_data=args.test_data,
         force=args.force,
@@ -372,7 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier (default %(default)s)")
     p.add_argument(
-        "--flip", action="store_true", help="horizontal-flip augmentation (caches a mirrored copy: 2x extraction)"
+        "--flip",
+        action="store_true",
+        help="horizontal-flip augmentation (caches the mirrored training images too: one more extraction pass)",
+    )
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        metavar="CELLS",
+        help="random translation of the cached feature map by up to CELLS cells (last-block only; "
+        "1 cell = 16 input px for resnet50 and vgg16; default %(default)s)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="constant learning rate, or cosine decay to 0 over --epochs (default %(default)s)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="fit in bfloat16 (about 1.5x faster on CPUs with AVX512-BF16); the saved model stays float32",
     )
     p.add_argument("--test-data", default=None, help="separate dataset to evaluate on when --data has no test split")
     p.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard logs to this folder")

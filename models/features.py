@@ -7,10 +7,12 @@ dataset fingerprint and the flip augmentation. A cache is written into a tempora
 directory and renamed into place when complete, so an interrupted run leaves nothing
 half-written behind.
 
-Trade-off: cached features cannot see random crops or colour jitter. The one augmentation
-that survives caching is a horizontal flip (``flip=True`` caches a flipped copy of every
-training image, doubling extraction time); the simple CNN, which caches raw pixels,
-augments freely inside the model.
+Trade-off: cached features cannot see random crops or colour jitter. Two augmentations
+survive caching (see :mod:`models.train`): a horizontal flip, by caching the features of
+the mirrored training images as a second cache (one more pass over the training set),
+and small translations, by shifting the cached spatial feature map by whole cells (one
+cell of ResNet50's conv4 output is 16 input pixels). The simple CNN, which caches raw
+pixels, augments freely inside the model.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class FeatureSplit:
     x: np.ndarray  # (N, ...) memory-mapped
     y: np.ndarray  # (N,) int64 labels
     keys: list[str]
-    x_flip: np.ndarray | None = None  # features of the mirrored images (train split only)
+    x_flip: np.ndarray | None = None  # features of the mirrored images, when flip augmentation is on
 
     def __len__(self) -> int:
         return len(self.y)
@@ -44,10 +46,6 @@ class FeatureSplit:
 def cache_key(**parts: object) -> str:
     """Stable hex key of the inputs that determine the cached outputs."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _flip(batch: np.ndarray) -> np.ndarray:
-    return batch[:, :, ::-1, :]
 
 
 def load_cache(directory: Path) -> dict[str, FeatureSplit] | None:
@@ -60,9 +58,7 @@ def load_cache(directory: Path) -> dict[str, FeatureSplit] | None:
     for split, info in meta["splits"].items():
         n = info["count"]
         x = np.load(directory / f"{split}.npy", mmap_mode="r")[:n]
-        flip_path = directory / f"{split}_flip.npy"
-        x_flip = np.load(flip_path, mmap_mode="r")[:n] if flip_path.is_file() else None
-        out[split] = FeatureSplit(x, np.load(directory / f"{split}_labels.npy"), info["keys"], x_flip)
+        out[split] = FeatureSplit(x, np.load(directory / f"{split}_labels.npy"), info["keys"])
     return out
 
 
@@ -74,7 +70,6 @@ def build_cache(
     input_size: int,
     batch_size: int,
     *,
-    flip_splits: tuple[str, ...] = (),
     describe: dict[str, object] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, FeatureSplit], SkipCounter]:
@@ -86,39 +81,26 @@ def build_cache(
         meta: dict[str, object] = {"describe": describe or {}, "splits": {}}
         for split in splits:
             items = dataset.select(split)
-            variants = [("", None)] + ([("_flip", _flip)] if split in flip_splits else [])
-            for suffix, transform in variants:
-                array: np.ndarray | None = None
-                keys: list[str] = []
-                labels: list[int] = []
-
-                def forward(batch: np.ndarray, transform=transform) -> np.ndarray:  # noqa: ANN001
-                    return lower(transform(batch) if transform else batch)
-
-                for batch_items, out in stream_forward(
-                    forward,
-                    dataset,
-                    items,
-                    input_size,
-                    batch_size,
-                    SkipCounter() if suffix else skipped,
-                    progress,
-                    desc=f"features {split}{suffix}",
-                ):
-                    if array is None:
-                        dtype = np.uint8 if out.dtype == np.uint8 else np.float16
-                        array = np.lib.format.open_memmap(
-                            tmp / f"{split}{suffix}.npy", mode="w+", dtype=dtype, shape=(len(items), *out.shape[1:])
-                        )
-                    array[len(keys) : len(keys) + len(out)] = out
-                    keys.extend(i.key for i in batch_items)
-                    labels.extend(i.label for i in batch_items)
-                if array is not None:
-                    array.flush()
-                    del array
-                if not suffix and keys:
-                    np.save(tmp / f"{split}_labels.npy", np.array(labels, dtype=np.int64))
-                    meta["splits"][split] = {"count": len(keys), "keys": keys}  # type: ignore[index]
+            array: np.ndarray | None = None
+            keys: list[str] = []
+            labels: list[int] = []
+            for batch_items, out in stream_forward(
+                lower, dataset, items, input_size, batch_size, skipped, progress, desc=f"features {split}"
+            ):
+                if array is None:
+                    dtype = np.uint8 if out.dtype == np.uint8 else np.float16
+                    array = np.lib.format.open_memmap(
+                        tmp / f"{split}.npy", mode="w+", dtype=dtype, shape=(len(items), *out.shape[1:])
+                    )
+                array[len(keys) : len(keys) + len(out)] = out
+                keys.extend(i.key for i in batch_items)
+                labels.extend(i.label for i in batch_items)
+            if array is not None:
+                array.flush()
+                del array
+            if keys:
+                np.save(tmp / f"{split}_labels.npy", np.array(labels, dtype=np.int64))
+                meta["splits"][split] = {"count": len(keys), "keys": keys}  # type: ignore[index]
         (tmp / "meta.json").write_text(json.dumps(meta))
         if directory.exists():
             shutil.rmtree(directory)

@@ -73,6 +73,53 @@ def test_frozen_resnet_writes_every_output_and_reuses_cache(colour_data: Path, t
         train(_opts(colour_data, tmp_path / "m", backbone="resnet50"), settings, progress=False)
 
 
+def test_shift_batch_translates_each_map_within_its_cells() -> None:
+    from models.train import shift_batch
+
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
+    shifted = shift_batch(x, 1, np.random.default_rng(0))
+    assert shifted.shape == x.shape
+    for original, moved in zip(x[..., 0], shifted[..., 0]):
+        # The centre 2x2 of the original survives somewhere within one cell of its place.
+        centre = original[1:3, 1:3]
+        assert any(np.array_equal(moved[i : i + 2, j : j + 2], centre) for i in range(3) for j in range(3))
+    assert shift_batch(x, 0, np.random.default_rng(0)) is x
+    pooled = np.ones((3, 1024), np.float32)
+    assert shift_batch(pooled, 1, np.random.default_rng(0)) is pooled  # no spatial axes: unchanged
+
+
+@pytest.mark.slow
+def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_path: Path, settings: Settings) -> None:
+    import keras
+
+    from models.inference import load_trained
+
+    plain = train(_opts(colour_data, tmp_path / "plain", backbone="vgg16", trainable="last-block"), settings, progress=False)
+    assert plain.cache_hit is False
+    aug = train(
+        _opts(
+            colour_data,
+            tmp_path / "aug",
+            backbone="vgg16",
+            trainable="last-block",
+            flip=True,
+            shift=1,
+            mixed_precision=True,
+            lr_schedule="cosine",
+        ),
+        settings,
+        progress=False,
+    )
+    assert aug.manifest["feature_cache"] == plain.manifest["feature_cache"]  # plain features reused
+    assert any(m.startswith("mirrored feature cache built") for m in aug.messages), aug.messages
+    training = aug.manifest["training"]
+    assert training["flip"] and training["shift"] == 1 and training["mixed_precision"]
+    # bfloat16 was only for fitting: the saved model computes in float32 like every other.
+    model = load_trained(tmp_path / "aug").model
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert keras.config.dtype_policy().name == "float32"
+
+
 class _Interrupt:
     """A Keras callback that simulates Ctrl-C after a given epoch."""
 
