@@ -58,6 +58,7 @@ class MicroBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "model",
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch = max_batch
@@ -67,7 +68,10 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task[None] | None = None
         # One thread per model: TensorFlow calls for a model are serialised, models run in parallel.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"imgsim-infer-{name}")
+        # ``thread_init`` runs in that thread: per-thread settings (FAISS's OpenMP thread count) belong there.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"imgsim-infer-{name}", initializer=thread_init
+        )
 
     @property
     def depth(self) -> int:

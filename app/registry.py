@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,17 @@ class LoadedModel:
         emb, probs = self.embedder(images)
         scores, ids = self.store.search(emb, k)
         return emb, probs, scores, ids
+
+
+def _set_faiss_threads(n: int) -> None:
+    """OpenMP's thread count is per calling thread: set it in the thread that searches.
+
+    Set only in the event loop's thread, it left the inference thread at one OpenMP thread
+    per core, whose spinning after each search slowed the next forward pass by ~5 ms.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(n)
 
 
 def detect_device() -> str:
@@ -79,7 +91,15 @@ class ModelRegistry:
 
         s = self.settings
         loaded = LoadedModel(name, embedder, store, None)  # type: ignore[arg-type]
-        loaded.batcher = MicroBatcher(loaded.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, on_batch, name)
+        loaded.batcher = MicroBatcher(
+            loaded.run_batch,
+            s.max_batch_size,
+            s.max_wait_ms,
+            s.max_queue,
+            on_batch,
+            name,
+            thread_init=partial(_set_faiss_threads, s.faiss_threads),
+        )
         self.models[name] = loaded
         if self._active is None:
             self._active = name

@@ -480,6 +480,16 @@ def test_full_queue_answers_503_with_retry_after(
         assert c.post("/v1/search", files=upload(png())).status_code == 200
 
 
+def test_faiss_threads_setting_reaches_the_inference_thread(make_service_app: Callable[..., Any]) -> None:
+    """OpenMP settings are per thread: the one that searches must get IMGSIM_FAISS_THREADS."""
+    import faiss
+
+    with TestClient(make_service_app(names=("a",), api_key=None, faiss_threads=3)) as c:
+        loaded = c.app.state.registry.get("a")
+        assert loaded.batcher._executor.submit(faiss.omp_get_max_threads).result() == 3
+        assert c.post("/v1/search", files=upload(png())).status_code == 200
+
+
 def test_switching_models_under_load_fails_nothing(active_a: TestClient) -> None:
     """40 searches (no explicit model) start over ~0.2 s while the active model flips a<->b throughout."""
     images = [png(noisy(seed=200 + i)) for i in range(40)]
