@@ -52,7 +52,9 @@ def _opts(data: Path, out: Path, **kw: object) -> TrainOptions:
 
 
 @pytest.mark.slow
-def test_frozen_resnet_writes_every_output_and_reuses_cache(colour_data: Path, tmp_path: Path, settings: Settings) -> None:
+def test_frozen_resnet_writes_every_output_and_reuses_cache(
+    colour_data: Path, tmp_path: Path, settings: Settings
+) -> None:
     first = train(_opts(colour_data, tmp_path / "m", backbone="resnet50"), settings, progress=False)
     for name in OUTPUT_FILES:
         assert (tmp_path / "m" / name).is_file(), name
@@ -94,7 +96,9 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
 
     from models.inference import load_trained
 
-    plain = train(_opts(colour_data, tmp_path / "plain", backbone="vgg16", trainable="last-block"), settings, progress=False)
+    plain = train(
+        _opts(colour_data, tmp_path / "plain", backbone="vgg16", trainable="last-block"), settings, progress=False
+    )
     assert plain.cache_hit is False
     aug = train(
         _opts(
@@ -188,6 +192,8 @@ def test_clear_errors(colour_data: Path, tmp_path: Path, settings: Settings) -> 
 def test_cli_train_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from app.cli import main
 
-    code = main(["train", "--backbone", "simple-cnn", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    code = main(
+        ["train", "--backbone", "simple-cnn", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "not found" in err, err
