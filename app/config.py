@@ -38,6 +38,18 @@ class ServiceSettings(Settings):
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
+    inline_decode_bytes: int = Field(
+        32 * 1024,
+        ge=0,
+        description="Uploads up to this size are decoded on the event loop (a thread hop costs more than "
+        "decoding a thumbnail); larger ones in a worker thread.",
+    )
+    gil_switch_ms: float = Field(
+        1.0,
+        gt=0.0,
+        description="Python's thread switch interval: how long the inference thread may wait for the "
+        "interpreter lock while the event loop parses requests (Python's default is 5 ms).",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -83,6 +84,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # py-spy profile of the service benchmark). Freezing moves them out of the collector's view.
     gc.collect()
     gc.freeze()
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     registry.start()
     app.state.registry = registry
     try:

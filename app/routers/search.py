@@ -58,7 +58,11 @@ async def _run(
     request.state.model = loaded.name
     check_content_type(file.content_type)
     data = await _read_limited(file, settings.max_upload_bytes)
-    image = await run_in_threadpool(decode_upload, data, loaded.embedder.input_size, settings.max_image_pixels)
+    args = (data, loaded.embedder.input_size, settings.max_image_pixels)
+    if len(data) <= settings.inline_decode_bytes:
+        image = decode_upload(*args)
+    else:
+        image = await run_in_threadpool(decode_upload, *args)
     result = await loaded.batcher.submit(image, max(k, VOTE_K))
     return loaded, result, start
 
