@@ -1,6 +1,6 @@
 """FAISS search latency of a built index with 1 vs 2 OpenMP threads (IMGSIM_FAISS_THREADS).
 
-    python -m benchmarks.index_threads --index indexes/resnet50-cifar10
+python -m benchmarks.index_threads --index indexes/resnet50-cifar10
 """
 
 from __future__ import annotations

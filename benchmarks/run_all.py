@@ -276,6 +276,12 @@ def _fmt(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def _cpu_split(ms: dict[str, float] | None) -> str:
+    if not ms:
+        return "–"
+    return " / ".join(f"{ms[k]:.2f}" for k in ("event_loop", "other_threads", "client"))
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -485,6 +491,7 @@ def render(results: dict[str, Any]) -> str:
                     f"{srv['model_busy_fraction']:.0%}" if srv.get("model_busy_fraction") is not None else "–",
                     lv.get("server_cpu_cores"),
                     lv.get("client_cpu_cores"),
+                    _cpu_split(lv.get("cpu_ms_per_request")),
                     "yes" if lv.get("stopped_by_time_cap") else "",
                 ]
             )
@@ -502,11 +509,17 @@ def render(results: dict[str, Any]) -> str:
                 "model busy",
                 "service CPU cores",
                 "client CPU cores",
+                "CPU ms per request: loop / model+other threads / client",
                 "time cap hit",
             ],
             rows,
         )
         L += [
+            "CPU ms per request: CPU time of the service's event-loop thread (HTTP, multipart parsing, "
+            "small-image decoding, JSON), of its other threads (TensorFlow's pools, the inference thread, "
+            "FAISS, large-image decoding) and of the client, each divided by the answered requests "
+            "(from `/proc/PID/task/*/stat`). On 2 cores, loop and client CPU is taken from the model.",
+            "",
             (
                 f"Resident memory of the service: {_mb(svc['rss_kb_idle'].get('VmRSS'))} when ready, "
                 f"{_mb(svc.get('rss_kb_final', {}).get('VmRSS'))} after the run, peak "

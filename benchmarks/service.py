@@ -94,6 +94,28 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the event loop (the main thread) and of all other threads (TensorFlow's
+    pools, the inference thread, decode threads, FAISS).
+
+    Where the service's CPU goes when the model is busy: every ms the event loop spends on a
+    request is a ms TensorFlow's threads do not get on a 2-core machine.
+    """
+    out = {"event_loop": 0.0, "other_threads": 0.0}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out["event_loop" if task.name == str(pid) else "other_threads"] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 class Service:
     """``imgsim serve`` in a subprocess; a context manager that always stops it."""
 
@@ -434,6 +456,7 @@ async def run_level(
             raise RuntimeError(f"warm-up of {concurrency} workers did not finish in {timeout + 30:.0f} s") from None
         m0 = await get_metrics(side, url)
         cpu_srv0, cpu_cli0 = proc_cpu_seconds(server_pid), time.process_time()
+        threads0 = thread_cpu_seconds(server_pid)
         start = time.perf_counter()
         stop_at = start + max_seconds
         go.set()
@@ -446,6 +469,7 @@ async def run_level(
                 raise t.exception()
         wall = time.perf_counter() - start
         cpu_srv1, cpu_cli1 = proc_cpu_seconds(server_pid), time.process_time()
+        threads1 = thread_cpu_seconds(server_pid)
         m1 = await get_metrics(side, url)
 
     n_ok = len(ok_lat)
@@ -471,6 +495,12 @@ async def run_level(
     }
     out["server_cpu_cores"] = round(out["server_cpu_s"] / wall, 2) if out["server_cpu_s"] is not None else None
     out["client_cpu_cores"] = round(out["client_cpu_s"] / wall, 2)
+    # Per answered request: CPU ms of each kind of service thread, and of this client.
+    answered = max(sum(statuses.values()), 1)
+    out["cpu_ms_per_request"] = {
+        **{k: round((threads1[k] - threads0[k]) * 1000 / answered, 2) for k in threads0},
+        "client": round(out["client_cpu_s"] * 1000 / answered, 2),
+    }
     # Model calls during the measured part of the level, from the service's own counters.
     if m0 and m1:
         calls = m1["imgsim_batch_size_count"] - m0["imgsim_batch_size_count"]
