@@ -77,6 +77,10 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
+    @property
+    def full(self) -> bool:
+        return self._queue is not None and self._queue.full()
+
     def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._task = asyncio.get_running_loop().create_task(self._worker())

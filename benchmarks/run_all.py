@@ -120,6 +120,7 @@ def queue_bound_ms(
     queued images, so it is answered within ``1 + ceil(max_queue / max_batch)`` full
     batches, plus the per-request cost outside the batch (HTTP, parsing, decode), taken as
     the c=1 median latency (which also holds one batch-1 forward: generous on purpose).
+    The loop then answers the batch's requests one by one (max_batch x its CPU per request).
     A full batch takes max_batch x the service's own model time per image at this level
     (from /metrics: forward + FAISS, under this level's CPU contention); the bare forward
     (+ FAISS batch search) when the service did not report it.
@@ -134,7 +135,15 @@ def queue_bound_ms(
             return None, "no batch time"
         t, how = t0 + search_ms, f"bare batch-{b} forward + FAISS"
     n = math.ceil(q / b) + 1
-    return n * t + fixed_ms, f"{n} batches x {t:.0f} ms ({how}) + {fixed_ms:.0f} ms (c=1 p50)"
+    # The event loop answers a finished batch one request after the other: the last answer
+    # waits for the loop's work on the whole batch (measured loop CPU per request, this level).
+    loop_ms = (level.get("cpu_ms_per_request") or {}).get("event_loop") or 0.0
+    drain = b * loop_ms
+    return (
+        n * t + drain + fixed_ms,
+        f"{n} batches x {t:.0f} ms ({how}) + {drain:.0f} ms (loop answers a batch: {b} x {loop_ms:.2f} ms) "
+        f"+ {fixed_ms:.0f} ms (c=1 p50)",
+    )
 
 
 def _verdict(ok: bool | None) -> str:

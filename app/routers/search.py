@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from app.batching import Result
+from app.batching import QueueFull, Result
 from app.config import ServiceSettings
 from app.deps import get_registry, get_settings_dep, resolve_model
 from app.imaging import check_content_type, decode_upload
@@ -57,6 +57,8 @@ async def _run(
     loaded = resolve_model(registry, model)  # resolved once: a model switch mid-request does not affect it
     request.state.model = loaded.name
     check_content_type(file.content_type)
+    if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
+        raise QueueFull(f"queue full ({loaded.batcher.max_queue} images waiting)")
     data = await _read_limited(file, settings.max_upload_bytes)
     args = (data, loaded.embedder.input_size, settings.max_image_pixels)
     if len(data) <= settings.inline_decode_bytes:
