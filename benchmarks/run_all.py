@@ -285,6 +285,15 @@ def _fmt(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def _kept(results: dict[str, Any], step: str) -> list[str]:
+    when = results.get("kept", {}).get(step)
+    return (
+        [f"*Not re-measured in this run: results kept from the run of {when} (`--skip {step} --keep`).*", ""]
+        if when
+        else []
+    )
+
+
 def _cpu_split(ms: dict[str, float] | None) -> str:
     if not ms:
         return "–"
@@ -377,7 +386,7 @@ def render(results: dict[str, Any]) -> str:
         L += ["No target could be evaluated (see the errors below).", ""]
 
     # (1) bare model
-    L += ["## 1. Bare model (in-process forward pass)", ""]
+    L += ["## 1. Bare model (in-process forward pass)", ""] + _kept(results, "model")
     ms = steps.get("model")
     if not ms:
         L += ["Not run.", ""]
@@ -457,7 +466,7 @@ def render(results: dict[str, Any]) -> str:
         ]
 
     # (2) service
-    L += ["## 2. Service over HTTP", ""]
+    L += ["## 2. Service over HTTP", ""] + _kept(results, "service")
     svcs = steps.get("service")
     if not svcs:
         L += ["Not run.", ""]
@@ -541,7 +550,7 @@ def render(results: dict[str, Any]) -> str:
             L += ["Error samples: " + "; ".join(f"`{e}`" for e in errs[:5]), ""]
 
     # (3) indexer
-    L += ["## 3. Indexer", ""]
+    L += ["## 3. Indexer", ""] + _kept(results, "indexer")
     ix = steps.get("indexer")
     if not ix:
         L += ["Not run.", ""]
@@ -613,7 +622,7 @@ def render(results: dict[str, Any]) -> str:
         ]
 
     # (4) FAISS
-    L += ["## 4. FAISS", ""]
+    L += ["## 4. FAISS", ""] + _kept(results, "faiss")
     fb = steps.get("faiss")
     if not fb:
         L += ["Not run.", ""]
@@ -707,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faiss-sizes", default="10k,100k,1M", help="default %(default)s")
     p.add_argument(
         "--step-timeout", type=float, default=3600.0, help="s per step before it is stopped (default %(default)s)"
+    )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="take the steps left out with --skip from this earlier JSON (marked as such in the Markdown)",
     )
     p.add_argument(
         "--render",
@@ -807,6 +823,15 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if "faiss" not in args.skip:
         sizes = args.faiss_sizes if not args.quick or args.faiss_sizes != "10k,100k,1M" else "2k,10k"
         results["steps"]["faiss"] = run_step("faiss", ["--sizes", sizes, *quick], args.step_timeout)
+    if args.keep:
+        earlier = json.loads(args.keep.read_text())
+        m = earlier.get("machine", {})
+        for step in args.skip:
+            if step in earlier.get("steps", {}):
+                results["steps"][step] = earlier["steps"][step]
+                results.setdefault("kept", {})[step] = (
+                    f"{m.get('date', '?')}, commit {(m.get('git', {}).get('commit') or '?')[:12]}"
+                )
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["targets"] = evaluate(results)
 
