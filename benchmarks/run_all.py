@@ -178,6 +178,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             p50 = lv["latency_ok"]["p50_ms"]
             ratio = p50 / ref
             note = "reference = decode + preprocess + batch-1 forward, measured in-process"
+            note += f"; client {lv.get('client_kind', svc['client'].get('kind', '?'))}"
+            cross = svc.get("cross_check")
+            if cross and cross["latency_ok"].get("n"):
+                cp50 = cross["latency_ok"]["p50_ms"]
+                note += f"; with the {cross['client_kind']} client: p50 {cp50:.1f} ms, ratio {cp50 / ref:.2f}"
             if s1 is not None:
                 note += f"; incl. the FAISS search ({s1:.2f} ms) the ratio would be {p50 / (ref + s1):.2f}"
             idle = (bare or {}).get("forward_batch1_after_10ms_idle", {}).get("median_ms")
@@ -492,9 +497,12 @@ def render(results: dict[str, Any]) -> str:
             "",
         ]
         rows = []
-        for lv in svc["levels"] + ([{**svc["overload"], "overload": True}] if svc.get("overload") else []):
+        extra = [{**svc["overload"], "overload": True}] if svc.get("overload") else []
+        extra += [{**svc["cross_check"], "cross": True}] if svc.get("cross_check") else []
+        for lv in svc["levels"] + extra:
             lat, srv = lv["latency_ok"], lv.get("server") or {}
             c = f"{lv['concurrency']}" + (f" (queue {lv['settings']['max_queue']})" if lv.get("overload") else "")
+            c += f" ({lv['client_kind']} client)" if lv.get("cross") else ""
             rows.append(
                 [
                     c,
@@ -699,7 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="service: rerun c=64 with this IMGSIM_MAX_QUEUE to provoke 503s; 0 = off (default %(default)s)",
     )
-    p.add_argument("--client", choices=("httpx", "raw"), default="httpx", help="service client (default %(default)s)")
+    p.add_argument(
+        "--client",
+        choices=("httpx", "raw"),
+        default="raw",
+        help="service client (default %(default)s; httpx runs at concurrency 1 as a cross-check)",
+    )
     p.add_argument(
         "--service-env",
         action="append",
