@@ -14,15 +14,17 @@ from app.registry import LoadedModel, ModelRegistry
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when IMGSIM_API_KEY is set.")
 
 
-def get_registry(request: Request) -> ModelRegistry:
+# async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread
+# hop per dependency per request (seen in the service profile); these only read app state.
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_settings_dep(request: Request) -> ServiceSettings:
+async def get_settings_dep(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -35,7 +37,7 @@ def resolve_model(registry: ModelRegistry, name: str | None) -> LoadedModel:
         raise HTTPException(404, f"unknown model {name!r}; loaded: {known}") from None
 
 
-def require_admin(
+async def require_admin(
     key: str | None = Depends(api_key_header), settings: ServiceSettings = Depends(get_settings_dep)
 ) -> None:
     """401 without a key, 403 with a wrong one -- only when an API key is configured."""

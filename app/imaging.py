@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from models.datasets import UnreadableImage, _looks_like_image, decode_image
+from models.datasets import UnreadableImage, decode_image
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"}  # MPO: multi-picture JPEG from cameras
 ALLOWED_CONTENT_TYPES = {
@@ -29,7 +26,7 @@ class UploadError(Exception):
         self.detail = detail
 
 
-_REASON_STATUS = {"empty": 422, "corrupt": 422, "not_an_image": 415, "too_large": 413}
+_REASON_STATUS = {"empty": 422, "corrupt": 422, "not_an_image": 415, "unsupported_format": 415, "too_large": 413}
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -39,30 +36,26 @@ def check_content_type(content_type: str | None) -> None:
 
 
 def decode_upload(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """Bytes -> (size, size, 3) uint8, or UploadError(413/415/422) saying what is wrong."""
-    if not data:
-        raise UploadError(422, "empty upload: the file has no bytes")
+    """Bytes -> (size, size, 3) uint8, or UploadError(413/415/422) saying what is wrong.
+
+    One ``Image.open``: the format and the pixel count are checked from the header
+    before any pixel is decoded.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:  # header only: no pixels decoded yet
-            fmt = img.format
-    except UnidentifiedImageError:
-        if _looks_like_image(data[:16]):  # a known signature whose header Pillow cannot parse: damaged, not alien
-            raise UploadError(422, "corrupt or truncated image: damaged image header") from None
-        raise UploadError(415, "not an image (or an unsupported format): send JPEG, PNG, WebP, BMP or GIF") from None
-    except Image.DecompressionBombError:
-        raise UploadError(413, f"image has too many pixels (limit {max_pixels})") from None
-    except Exception as exc:
-        raise UploadError(422, f"unreadable image header: {exc}") from None
-    if fmt not in ALLOWED_FORMATS:
-        raise UploadError(415, f"unsupported image format {fmt}: send JPEG, PNG, WebP, BMP or GIF")
-    try:
-        return decode_image(data, size, max_pixels=max_pixels)
+        return decode_image(data, size, max_pixels=max_pixels, formats=ALLOWED_FORMATS)
     except UnreadableImage as exc:
-        status = _REASON_STATUS.get(exc.reason, 422)
-        detail = {
-            "too_large": f"image has too many pixels (limit {max_pixels})",
-            "corrupt": "corrupt or truncated image",
-            "empty": "empty upload",
-            "not_an_image": "not an image",
-        }.get(exc.reason, str(exc))
-        raise UploadError(status, f"{detail}: {exc.detail}" if exc.detail else detail) from None
+        raise UploadError(_REASON_STATUS.get(exc.reason, 422), _upload_detail(exc, max_pixels)) from None
+
+
+def _upload_detail(exc: UnreadableImage, max_pixels: int) -> str:
+    if exc.reason == "unsupported_format":
+        return f"unsupported image format {exc.detail}: send JPEG, PNG, WebP, BMP or GIF"
+    if exc.reason == "not_an_image":
+        return "not an image (or an unsupported format): send JPEG, PNG, WebP, BMP or GIF"
+    if exc.reason == "empty":
+        return "empty upload: the file has no bytes"
+    detail = {
+        "too_large": f"image has too many pixels (limit {max_pixels})",
+        "corrupt": "corrupt or truncated image",
+    }.get(exc.reason, str(exc))
+    return f"{detail}: {exc.detail}" if exc.detail else detail

@@ -22,7 +22,7 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +50,7 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KINDS: tuple[str, ...] = ("folder", "archive", "idx", "keras")
-UNREADABLE_REASONS: tuple[str, ...] = ("empty", "not_an_image", "corrupt", "too_large")
+UNREADABLE_REASONS: tuple[str, ...] = ("empty", "not_an_image", "corrupt", "too_large", "unsupported_format")
 
 # Label order is fixed by the sources (label i == name i), so these lists are
 # NOT sorted alphabetically, unlike folder class names.
@@ -789,13 +789,20 @@ def _looks_like_image(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC)
 
 
-def decode_image(raw: bytes | np.ndarray, size: int | None, *, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(
+    raw: bytes | np.ndarray,
+    size: int | None,
+    *,
+    max_pixels: int | None = None,
+    formats: Collection[str] | None = None,
+) -> np.ndarray:
     """Decode a payload to a uint8 RGB array, ``(size, size, 3)`` or native size.
 
     Non-square images are squashed to the square (as Keras'
     image_dataset_from_directory does) rather than cropped, so nothing is cut.
     Raises ``UnreadableImage`` with reason empty / not_an_image / corrupt /
-    too_large; the pixel limit is checked from the header before decoding.
+    too_large (and unsupported_format when ``formats``, Pillow format names, is given);
+    the pixel limit and the format are checked from the header before decoding.
 
     Pillow's own bomb guard still applies: its DecompressionBombError (images
     over 2x ``Image.MAX_IMAGE_PIXELS``) maps to too_large.  Its
@@ -810,7 +817,7 @@ def decode_image(raw: bytes | np.ndarray, size: int | None, *, max_pixels: int |
     if isinstance(raw, np.ndarray):
         img = _image_from_array(raw, limit)
     else:
-        img = _image_from_bytes(bytes(raw), limit, size)
+        img = _image_from_bytes(bytes(raw), limit, size, formats)
     try:
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -835,7 +842,7 @@ def _image_from_array(arr: np.ndarray, limit: int) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
-def _image_from_bytes(data: bytes, limit: int, size: int | None) -> Image.Image:
+def _image_from_bytes(data: bytes, limit: int, size: int | None, formats: Collection[str] | None = None) -> Image.Image:
     if not data:
         raise UnreadableImage("empty", "zero-byte file")
     try:
@@ -849,6 +856,8 @@ def _image_from_bytes(data: bytes, limit: int, size: int | None) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
         raise UnreadableImage("corrupt", str(exc)) from exc
 
+    if formats is not None and img.format not in formats:
+        raise UnreadableImage("unsupported_format", str(img.format))
     w, h = img.size  # header only; no pixel has been decoded yet
     if w * h > limit:
         raise UnreadableImage("too_large", f"{w}x{h} pixels exceeds the limit of {limit}")
