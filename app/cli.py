@@ -118,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         flip=args.flip,
         shift=args.shift,
         lr_schedule=args.lr_schedule,
+        label_smoothing=args.label_smoothing,
         mixed_precision=args.mixed_precision,
         tensorboard=args.tensorboard,
         test_data=args.test_data,
@@ -392,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("constant", "cosine"),
         default="constant",
         help="constant learning rate, or cosine decay to 0 over --epochs (default %(default)s)",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="label smoothing of the cross-entropy, e.g. 0.1 (default %(default)s: none)",
     )
     p.add_argument(
         "--mixed-precision",

@@ -72,6 +72,7 @@ class TrainOptions:
     flip: bool = False
     shift: int = 0
     lr_schedule: str = "constant"
+    label_smoothing: float = 0.0
     mixed_precision: bool = False
     tensorboard: Path | None = None
     test_data: str | None = None
@@ -119,8 +120,15 @@ def shift_batch(x: np.ndarray, cells: int, rng: np.random.Generator) -> np.ndarr
 
 
 def _batches(
-    split: FeatureSplit, batch_size: int, shuffle: bool, seed: int, flip: bool = False, shift: int = 0
+    split: FeatureSplit,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    flip: bool = False,
+    shift: int = 0,
+    one_hot: int = 0,
 ) -> keras.utils.PyDataset:
+    """``one_hot=n``: labels as (N, n) one-hot rows (what a label-smoothed loss needs)."""
     import keras
 
     class Batches(keras.utils.PyDataset):
@@ -141,7 +149,8 @@ def _batches(
                 mirrored = self.rng.random(len(idx)) < 0.5
                 x[mirrored] = split.x_flip[idx[mirrored]]
             x = shift_batch(x, shift, self.rng)
-            return x.astype(np.float32), split.y[idx]
+            y = np.eye(one_hot, dtype=np.float32)[split.y[idx]] if one_hot else split.y[idx]
+            return x.astype(np.float32), y
 
         def on_epoch_end(self) -> None:
             if shuffle:
@@ -350,10 +359,18 @@ def train(
 
     fitted = _trainable_copy(arch, opts, len(dataset.class_names), settings)
     _, upper = split_model(fitted, arch.cut)
-    train_batches = _batches(feats["train"], opts.batch_size, True, opts.seed + done_epochs, opts.flip, opts.shift)
+    one_hot = len(dataset.class_names) if opts.label_smoothing > 0 else 0
+    train_batches = _batches(
+        feats["train"], opts.batch_size, True, opts.seed + done_epochs, opts.flip, opts.shift, one_hot
+    )
+    loss = (
+        keras.losses.CategoricalCrossentropy(label_smoothing=opts.label_smoothing)
+        if one_hot
+        else keras.losses.SparseCategoricalCrossentropy()
+    )
     upper.compile(
         optimizer=_optimizer(opts, len(train_batches)),
-        loss="sparse_categorical_crossentropy",
+        loss=loss,
         metrics=["accuracy"],
     )
     cbs: list[Any] = [
@@ -366,7 +383,7 @@ def train(
     try:
         upper.fit(
             train_batches,
-            validation_data=_batches(feats["val"], opts.batch_size, False, 0),
+            validation_data=_batches(feats["val"], opts.batch_size, False, 0, one_hot=one_hot),
             epochs=opts.epochs,
             callbacks=cbs + list(callbacks or []),
             verbose=1 if progress else 2,

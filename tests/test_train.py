@@ -110,6 +110,7 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
             shift=1,
             mixed_precision=True,
             lr_schedule="cosine",
+            label_smoothing=0.1,
         ),
         settings,
         progress=False,
@@ -118,6 +119,10 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
     assert any(m.startswith("mirrored feature cache built") for m in aug.messages), aug.messages
     training = aug.manifest["training"]
     assert training["flip"] and training["shift"] == 1 and training["mixed_precision"]
+    assert (
+        training["label_smoothing"] == 0.1
+        and len(json.loads((tmp_path / "aug" / "history.json").read_text())["loss"]) == 2
+    )
     # bfloat16 was only for fitting: the saved model computes in float32 like every other.
     model = load_trained(tmp_path / "aug").model
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
