@@ -205,7 +205,9 @@ def _prepare_out(opts: TrainOptions) -> tuple[Path, int]:
         shutil.rmtree(out)
     saved = state / "options.json"
     if saved.is_file():
-        if json.loads(saved.read_text()) != fields:
+        # Options added in a later version are absent from older state; their defaults apply.
+        defaults = TrainOptions(backbone=opts.backbone, data=opts.data, out=opts.out).fingerprint_fields()
+        if {**defaults, **json.loads(saved.read_text())} != fields:
             raise ImgsimError(
                 f"{out} holds an interrupted run with different options; rerun with the same options "
                 "to resume, or pass --force to start over"

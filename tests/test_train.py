@@ -153,6 +153,11 @@ def test_interrupted_run_resumes(colour_data: Path, tmp_path: Path, settings: Se
     with pytest.raises(ImgsimError, match="different options"):
         train(_opts(colour_data, out, backbone="simple-cnn", epochs=3, learning_rate=0.5), settings, progress=False)
 
+    # State from an older version lacks options added since: at their defaults it still resumes.
+    saved = out / ".state" / "options.json"
+    older = json.loads(saved.read_text())
+    del older["label_smoothing"]
+    saved.write_text(json.dumps(older))
     result = train(opts, settings, progress=False)
     assert result.resumed_from_epoch == 1
     history = json.loads((out / "history.json").read_text())
