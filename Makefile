@@ -48,11 +48,11 @@ RUNS ?= runs
 .PHONY: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble cifar10-results
 cifar10-resnet50: venv
 	$(BIN)/imgsim train --backbone resnet50 --data $(CIFAR) --out $(RUNS)/resnet50-cifar10 --input-size 128 \
-	  --trainable last-block --flip --shift 1 --mixed-precision --lr-schedule cosine \
-	  --epochs 10 --patience 3 --learning-rate 3e-4
+	  --trainable last-block --flip --shift 1 --mixed-precision --lr-schedule cosine --label-smoothing 0.1 \
+	  --epochs 6 --patience 3 --learning-rate 3e-4
 cifar10-vgg16: venv
 	$(BIN)/imgsim train --backbone vgg16 --data $(CIFAR) --out $(RUNS)/vgg16-cifar10 --input-size 64 \
-	  --trainable last-block --flip --mixed-precision --lr-schedule cosine \
+	  --trainable last-block --flip --mixed-precision --lr-schedule cosine --label-smoothing 0.1 \
 	  --epochs 6 --patience 3 --learning-rate 3e-4
 cifar10-simple-cnn: venv
 	$(BIN)/imgsim train --backbone simple-cnn --data $(CIFAR) --out $(RUNS)/simple-cnn-cifar10 --input-size 32 \
