@@ -258,6 +258,7 @@ def _features(
         return built, key, False, [skipped.summary()] if skipped.total and not mirrored else []
 
     feats, key, hit, messages = cached(splits, False)
+    messages.insert(0, f"feature cache {'hit' if hit else 'built'}: {key}")
     if opts.flip and "train" in feats:
         mirror, mirror_key, mirror_hit, _ = cached(["train"], True)
         if mirror["train"].keys != feats["train"].keys:
@@ -357,7 +358,7 @@ def train(
         feats["test"] = next(iter(test_feats.values()))
         messages += more
     extract_seconds = time.perf_counter() - t0
-    messages.insert(0, f"feature cache {'hit' if hit else 'built'}: {key} ({extract_seconds:.1f} s)")
+    messages.append(f"feature extraction: {extract_seconds:.1f} s")
 
     fitted = _trainable_copy(arch, opts, len(dataset.class_names), settings)
     _, upper = split_model(fitted, arch.cut)

@@ -116,6 +116,7 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
         progress=False,
     )
     assert aug.manifest["feature_cache"] == plain.manifest["feature_cache"]  # plain features reused
+    assert aug.messages[0] == f"feature cache hit: {plain.manifest['feature_cache']}", aug.messages
     assert any(m.startswith("mirrored feature cache built") for m in aug.messages), aug.messages
     training = aug.manifest["training"]
     assert training["flip"] and training["shift"] == 1 and training["mixed_precision"]
