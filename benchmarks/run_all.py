@@ -842,7 +842,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         for step in args.skip:
             if step in earlier.get("steps", {}):
                 results["steps"][step] = earlier["steps"][step]
-                results.setdefault("kept", {})[step] = (
+                results.setdefault("kept", {})[step] = earlier.get("kept", {}).get(step) or (
                     f"{m.get('date', '?')}, commit {(m.get('git', {}).get('commit') or '?')[:12]}"
                 )
     results["seconds"] = round(time.perf_counter() - start, 1)
