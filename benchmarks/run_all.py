@@ -331,7 +331,7 @@ def render(results: dict[str, Any]) -> str:
         results["regenerate"],
         "```",
         "",
-        "(or `make bench`). Method, caveats and how to run each part alone: `benchmarks/README.md`.",
+        "(or `make bench`). Method, caveats and how to run each part alone: `benchmarks/README.md`; what the profiles showed and why targets are missed: [performance.md](performance.md).",
         "",
     ]
     if results.get("quick"):
