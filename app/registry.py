@@ -33,7 +33,7 @@ class LoadedModel:
 
     def run_batch(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One forward pass and one FAISS search for a whole batch (runs in the model's thread)."""
-        emb, probs = self.embedder(images)
+        emb, probs = self.embedder.embed(images, self.store.manifest.get("tta", "none"))
         scores, ids = self.store.search(emb, k)
         return emb, probs, scores, ids
 

@@ -85,6 +85,10 @@ class ModelInfo(BaseModel):
     embedding_dim: int
     index_size: int
     index_type: str
+    tta: str = Field(
+        "none",
+        description="Test-time augmentation of the index: 'flip' embeds each image together with its mirror image.",
+    )
     metrics: dict[str, float | int | None] = Field(description="Metrics recorded in the model's manifest.")
 
 

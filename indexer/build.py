@@ -35,7 +35,16 @@ from indexer.store import (
 from models.datasets import Dataset, Item, SkipCounter, open_dataset
 from models.embed import stream_forward
 from models.errors import ImgsimError
-from models.inference import Embedder, TrainedModel, load_trained, read_manifest, training_cache
+from models.inference import (
+    Embedder,
+    TrainedModel,
+    check_tta,
+    combine_views,
+    load_trained,
+    mirrored_training_cache,
+    read_manifest,
+    training_cache,
+)
 from models.settings import Settings, get_settings
 from models.train import MODEL_FILE, package_version
 from models.weights import file_digest
@@ -115,6 +124,58 @@ def _item_rows(dataset: Dataset, items: Sequence[Item], first_id: int, store_byt
     return rows
 
 
+def _head(embedder: Embedder, features: np.ndarray, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and probabilities from cached cut-layer features (only the upper layers run)."""
+    from tqdm.auto import tqdm
+
+    out = [
+        embedder.head_from_features(features[i : i + 256])
+        for i in tqdm(range(0, len(features), 256), desc=desc, disable=not progress)
+    ]
+    return np.concatenate([e for e, _ in out]), np.concatenate([p for _, p in out])
+
+
+def _mirrored_views(
+    embedder: Embedder,
+    dataset: Dataset,
+    split: str,
+    keys: list[str],
+    batch_size: int,
+    settings: Settings,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Embeddings and probabilities of the mirrored images of ``keys`` (one split), in that order.
+
+    From the training run's mirrored feature cache when it has this split (``--flip``
+    training caches the training images), otherwise from the full model.
+    """
+    cached = mirrored_training_cache(embedder.trained.manifest, dataset, split, settings)
+    if cached is not None and cached.keys == keys:
+        e, p = _head(embedder, cached.x, progress, f"head on cached mirrored {split}")
+        return e, p, f"{split}: cached mirrored features"
+    wanted = {k: n for n, k in enumerate(keys)}
+    emb = np.zeros((len(keys), embedder.trained.manifest["embedding_dim"]), np.float32)
+    probs = np.zeros((len(keys), len(embedder.class_names)), np.float32)
+    seen = 0
+    items = [i for i in dataset.select(split) if i.key in wanted]
+    for batch_items, (e, p) in stream_forward(
+        lambda b: embedder(b[:, :, ::-1]),
+        dataset,
+        items,
+        embedder.input_size,
+        batch_size,
+        SkipCounter(),
+        progress,
+        desc=f"mirrored {split}",
+    ):
+        rows = [wanted[i.key] for i in batch_items]
+        emb[rows], probs[rows] = e, p
+        seen += len(rows)
+    if seen != len(keys):
+        raise ImgsimError(f"{len(keys) - seen} {split} images could not be read again for the mirrored view")
+    return emb, probs, f"{split}: full model on mirrored images"
+
+
 def embed_split(
     embedder: Embedder,
     dataset: Dataset,
@@ -123,8 +184,15 @@ def embed_split(
     settings: Settings,
     use_cache: bool,
     progress: bool,
+    tta: str = "none",
+    notes: list[str] | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, str, SkipCounter]:
-    """(keys, labels, embeddings, probabilities, path taken, skipped) for ``items``."""
+    """(keys, labels, embeddings, probabilities, path taken, skipped) for ``items``.
+
+    With ``tta="flip"`` each embedding is that of the image plus that of its mirror image;
+    how the mirrored views were computed is appended to ``notes``.
+    """
+    check_tta(tta)
     m = embedder.trained.manifest
     skipped = SkipCounter()
     splits = sorted({i.split for i in items})
@@ -134,19 +202,21 @@ def embed_split(
     probs: list[np.ndarray] = []
     cache = training_cache(m, dataset, splits, settings) if use_cache else None
     if cache is not None:
-        from tqdm.auto import tqdm
-
         for s in splits:
             feats = cache[s]
-            for i in tqdm(range(0, len(feats), 256), desc=f"head on cached {s}", disable=not progress):
-                e, p = embedder.head_from_features(feats.x[i : i + 256])
-                embs.append(e)
-                probs.append(p)
+            e, p = _head(embedder, feats.x, progress, f"head on cached {s}")
+            if tta == "flip":
+                ef, pf, how = _mirrored_views(embedder, dataset, s, feats.keys, batch_size, settings, progress)
+                e, p = combine_views(e, ef, p, pf)
+                if notes is not None:
+                    notes.append(how)
+            embs.append(e)
+            probs.append(p)
             keys += feats.keys
             labels.append(feats.y)
         return keys, np.concatenate(labels), np.concatenate(embs), np.concatenate(probs), "cached-features", skipped
     for batch_items, (e, p) in stream_forward(
-        embedder, dataset, items, embedder.input_size, batch_size, skipped, progress
+        lambda b: embedder.embed(b, tta), dataset, items, embedder.input_size, batch_size, skipped, progress
     ):
         keys += [i.key for i in batch_items]
         labels.append(np.array([i.label for i in batch_items], dtype=np.int64))
@@ -154,6 +224,8 @@ def embed_split(
         probs.append(p)
     if not keys:
         raise ImgsimError("no image could be embedded")
+    if tta == "flip" and notes is not None:
+        notes.append("mirrored views: full model, in the same calls as the plain ones")
     return keys, np.concatenate(labels), np.concatenate(embs), np.concatenate(probs), "full-model", skipped
 
 
@@ -169,12 +241,18 @@ def build_index(
     max_per_class: int | None = None,
     batch_size: int = 32,
     use_cache: bool = True,
+    tta: str = "none",
     settings: Settings | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Embed the train and validation images of ``data`` and write INDEX_DIR atomically."""
+    """Embed the train and validation images of ``data`` and write INDEX_DIR atomically.
+
+    ``tta="flip"`` indexes each image by its own embedding plus its mirror image's; the
+    manifest records it, so queries (``evaluate``, the service) are embedded the same way.
+    """
     settings = settings or get_settings()
     params = params or {}
+    check_tta(tta)
     if index_type not in INDEX_TYPES:
         raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     start = time.perf_counter()
@@ -199,8 +277,9 @@ def build_index(
     size = embedder.input_size
     embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph outside the timed part
     t0 = time.perf_counter()
+    notes: list[str] = []
     keys, _, vectors, _, path_taken, skipped = embed_split(
-        embedder, dataset, items, batch_size, settings, use_cache, progress
+        embedder, dataset, items, batch_size, settings, use_cache, progress, tta, notes
     )
     embed_seconds = time.perf_counter() - t0
 
@@ -236,6 +315,7 @@ def build_index(
         "index_params": params,
         "faiss_index": type(getattr(index, "index", index)).__name__,  # IVF is not inside an id map
         "embedding_path": path_taken,
+        "tta": tta,
         "created": now,
         "updated": now,
         "package_version": package_version(),
@@ -246,7 +326,7 @@ def build_index(
         db.commit()
         db.close()
         write_index_files(tmp, index, manifest)
-    return BuildReport(len(ids), path_taken, time.perf_counter() - start, embed_seconds, skipped)
+    return BuildReport(len(ids), path_taken, time.perf_counter() - start, embed_seconds, skipped, notes)
 
 
 def add_images(
@@ -285,8 +365,16 @@ def add_images(
     skipped = SkipCounter()
     keys: list[str] = []
     chunks = []
+    tta = manifest.get("tta", "none")
     for batch_items, (emb, _) in stream_forward(
-        embedder, folder, folder.items, embedder.input_size, 32, skipped, progress, desc="adding"
+        lambda b: embedder.embed(b, tta),
+        folder,
+        folder.items,
+        embedder.input_size,
+        32,
+        skipped,
+        progress,
+        desc="adding",
     ):
         keys += [i.key for i in batch_items]
         chunks.append(emb)

@@ -57,8 +57,10 @@ def evaluate(
     if split not in dataset.splits():
         raise ImgsimError(f"{data} has no {split!r} split (has {', '.join(dataset.splits())})")
     embedder = Embedder(trained)
+    tta = store.manifest.get("tta", "none")  # queries are embedded as the index's items were
+    notes: list[str] = []
     keys, labels, emb, probs, path_taken, _ = embed_split(
-        embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress
+        embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta, notes
     )
     queries = l2_normalise(emb)
     t0 = time.perf_counter()
@@ -84,6 +86,7 @@ def evaluate(
         "n_queries": len(keys),
         **{k: round(float(v.mean()), 4) for k, v in per_query.items()},
         "embedding_path": path_taken,
+        "tta": tta,
         "search_seconds": round(search_seconds, 3),
         "per_class": per_class(per_query, labels, dataset.class_names),
     }
@@ -104,7 +107,7 @@ def evaluate(
 def format_summary(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']} on {r['n_queries']} {r['split']} queries against {r['index_count']} indexed images "
-        f"({r['index_type']} index):",
+        f"({r['index_type']} index{', flip TTA' if r.get('tta', 'none') == 'flip' else ''}):",
         f"  precision@1 {r['precision_at_1']:.4f}  precision@5 {r['precision_at_5']:.4f}  "
         f"precision@10 {r['precision_at_10']:.4f}  mAP@5 {r['map_at_5']:.4f}",
         f"  kNN accuracy (top-5 vote) {r['knn_accuracy']:.4f}  classifier accuracy {r['classifier_accuracy']:.4f}",

@@ -15,7 +15,7 @@ from models.backbones import preprocess
 from models.datasets import Dataset, SkipCounter
 from models.embed import stream_forward
 from models.errors import ImgsimError
-from models.features import FeatureSplit, load_cache
+from models.features import FeatureSplit, cache_key, load_cache
 from models.settings import Settings, get_settings
 from models.train import MANIFEST, MODEL_FILE
 
@@ -65,6 +65,46 @@ def training_cache(
     if cache is None or not all(s in cache for s in splits):
         return None
     return cache
+
+
+def mirrored_training_cache(
+    manifest: dict[str, Any], dataset: Dataset, split: str, settings: Settings
+) -> FeatureSplit | None:
+    """Cached cut-layer features of the mirrored images of ``split``, if training built them.
+
+    ``imgsim train --flip`` caches the mirrored training images; flip test-time
+    augmentation reuses them instead of running the lower network again.
+    """
+    if not manifest.get("feature_cache") or manifest["dataset"]["fingerprint"] != dataset.fingerprint:
+        return None
+    key = cache_key(  # the key models.train gives the mirrored cache
+        backbone=manifest["backbone"],
+        weights=(manifest.get("weights") or {}).get("sha256"),
+        input_size=manifest["input_size"],
+        cut=manifest["cut_layer"],
+        dataset=dataset.fingerprint,
+        splits=[split],
+        flip=True,
+    )
+    cache = load_cache(settings.cache_dir / "features" / key)
+    return cache.get(split) if cache is not None else None
+
+
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str) -> str:
+    if tta not in TTA_MODES:
+        raise ImgsimError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    return tta
+
+
+def combine_views(
+    emb: np.ndarray, emb_mirrored: np.ndarray, probs: np.ndarray, probs_mirrored: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip TTA: the sum of the two views' embeddings (normalised later, like every embedding)
+    and the mean of their class probabilities."""
+    return emb + emb_mirrored, (probs + probs_mirrored) / 2
 
 
 def predict_split(
@@ -154,6 +194,15 @@ class Embedder:
         """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities)."""
         emb, probs = self._forward(preprocess(batch, self.preprocessing))
         return emb.numpy().astype(np.float32, copy=False), probs.numpy().astype(np.float32, copy=False)
+
+    def embed(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        """As ``__call__``; with ``tta="flip"`` each image and its mirror image go through one
+        call (a batch twice as large) and their outputs are combined (``combine_views``)."""
+        if check_tta(tta) == "none":
+            return self(batch)
+        n = len(batch)
+        emb, probs = self(np.concatenate([batch, batch[:, :, ::-1]]))
+        return combine_views(emb[:n], emb[n:], probs[:n], probs[n:])
 
     def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Same outputs from cached cut-layer features (frozen models: only the head runs)."""

@@ -5,7 +5,8 @@ training feature cache when it applies, as `imgsim evaluate` does), then measure
 precision@5 with exact cosine search for classic post-processing of retrieval
 embeddings: mean-centering, PCA whitening, database-side augmentation (DBA) and
 average query expansion (AQE), each against the plain L2-normalised embeddings that
-`imgsim index` stores.
+`imgsim index` stores; and flip test-time augmentation (`imgsim index --tta flip`) on the
+indexed side only, the query side only, and both.
 
     .venv/bin/python scripts/retrieval_postprocess.py --model runs/resnet50-cifar10
 """
@@ -71,6 +72,13 @@ def main() -> None:
     q_scores, q_ids = index.search(q.astype(np.float32), 10)
     for k in (3, 10):
         results[f"AQE k={k}"] = precision_at_5(l2_normalise(q + neighbour_mean(b, q_ids, q_scores, k)), b, qy, by)
+    # Flip TTA: the same embeddings with each image's mirror image added (as `--tta flip`).
+    _, _, qt, _, _, _ = embed_split(embedder, dataset, dataset.select("test"), 64, settings, True, True, "flip")
+    _, _, bt, _, _, _ = embed_split(embedder, dataset, indexed, 64, settings, True, True, "flip")
+    qt, bt = l2_normalise(qt), l2_normalise(bt)
+    results["flip TTA, indexed side"] = precision_at_5(q, bt, qy, by)
+    results["flip TTA, query side"] = precision_at_5(qt, b, qy, by)
+    results["flip TTA, both sides"] = precision_at_5(qt, bt, qy, by)
     print(f"{trained.name}: precision@5 of {len(q)} test queries against {len(b)} indexed images")
     for name, value in results.items():
         print(f"  {name:22s} {value:.4f}")

@@ -25,7 +25,7 @@ from indexer.evaluate import evaluate, exact_recall_at_k
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
-from models.datasets import open_dataset
+from models.datasets import decode_image, open_dataset
 from models.errors import ImgsimError
 from models.inference import Embedder, load_trained
 from models.settings import Settings, get_settings
@@ -235,6 +235,78 @@ def test_cached_and_full_model_paths_agree(env: Env, tmp_path: Path) -> None:
     assert full.rows == cached.rows
     for i, v in cached.vectors.items():
         np.testing.assert_allclose(full.vectors[i], v, atol=1e-5)
+
+
+def test_embed_flip_tta_is_the_sum_of_both_views(env: Env) -> None:
+    embedder = Embedder(load_trained(env.model))
+    batch = np.random.default_rng(3).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    e, p = embedder(batch)
+    em, pm = embedder(batch[:, :, ::-1].copy())
+    e_tta, p_tta = embedder.embed(batch, "flip")
+    np.testing.assert_allclose(e_tta, e + em, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p_tta, (p + pm) / 2, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(e_tta, 2 * e, atol=1e-3)  # the mirrored view really differs
+    np.testing.assert_array_equal(embedder.embed(batch)[0], e)
+    with pytest.raises(ImgsimError, match="unknown test-time augmentation 'rotate'"):
+        embedder.embed(batch, "rotate")
+
+
+def _train_flip(env: Env) -> Path:
+    opts = TrainOptions(
+        backbone="simple-cnn", data=str(env.data), out=env.root / "model-flip", input_size=32, epochs=1,
+        batch_size=8, val_fraction=0.2, patience=5, seed=0, flip=True,
+    )  # fmt: skip
+    if not (opts.out / "manifest.json").is_file():
+        train(opts, env.settings, progress=False)
+    return opts.out
+
+
+@pytest.mark.parametrize("flip_trained", [False, True], ids=["mirrors-by-full-model", "mirrored-training-cache"])
+def test_flip_tta_index_cached_and_full_paths_agree(env: Env, tmp_path: Path, flip_trained: bool) -> None:
+    """--tta flip stores normalise(emb(x) + emb(mirror(x))), from cached features or the full model."""
+    model = _train_flip(env) if flip_trained else env.model
+    cached = build_index(model, str(env.data), tmp_path / "c", tta="flip", settings=env.settings, progress=False)
+    full = build_index(model, str(env.data), tmp_path / "f", tta="flip", use_cache=False, settings=env.settings,
+                       progress=False)  # fmt: skip
+    assert (cached.path_taken, full.path_taken) == ("cached-features", "full-model")
+    if flip_trained:  # training cached the mirrored train images; val has no mirrored cache
+        assert cached.notes == ["train: cached mirrored features", "val: full model on mirrored images"]
+    else:
+        assert cached.notes == ["train: full model on mirrored images", "val: full model on mirrored images"]
+    c, f = _snapshot(tmp_path / "c"), _snapshot(tmp_path / "f")
+    assert c.manifest["tta"] == f.manifest["tta"] == "flip" and c.rows == f.rows
+    build_index(model, str(env.data), tmp_path / "p", settings=env.settings, progress=False)
+    plain = _snapshot(tmp_path / "p")
+    assert plain.manifest["tta"] == "none"
+    embedder = Embedder(load_trained(model))
+    first = min(c.rows)
+    row = c.rows[first]
+    image = decode_image((env.data / row.key).read_bytes(), 32)[None]
+    e, _ = embedder(image)
+    em, _ = embedder(image[:, :, ::-1].copy())
+    np.testing.assert_allclose(c.vectors[first], l2_normalise(e + em)[0], atol=1e-4)
+    for i, v in c.vectors.items():
+        np.testing.assert_allclose(f.vectors[i], v, atol=1e-5)
+    assert any(not np.allclose(plain.vectors[i], v, atol=1e-3) for i, v in c.vectors.items())
+
+
+def test_evaluate_embeds_queries_as_the_index_did(env: Env, tmp_path: Path) -> None:
+    """On a flip-TTA index, each indexed image queried back finds itself with cosine 1."""
+    build_index(env.model, str(env.data), tmp_path / "tta", tta="flip", settings=env.settings, progress=False)
+    result, raw = evaluate(env.model, tmp_path / "tta", str(env.data), split="train", settings=env.settings,
+                           progress=False)  # fmt: skip
+    assert result["tta"] == "flip"
+    np.testing.assert_allclose(raw["scores"][:, 0], 1.0, atol=1e-4)
+    plain_result, plain_raw = evaluate(env.model, env.flat, str(env.data), split="train", settings=env.settings,
+                                       progress=False)  # fmt: skip
+    assert plain_result["tta"] == "none"
+    np.testing.assert_allclose(plain_raw["scores"][:, 0], 1.0, atol=1e-4)
+
+
+def test_unknown_tta_is_refused(env: Env, tmp_path: Path) -> None:
+    with pytest.raises(ImgsimError, match="unknown test-time augmentation"):
+        build_index(env.model, str(env.data), tmp_path / "x", tta="rotate", settings=env.settings, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------ 2. ids stable across add/remove

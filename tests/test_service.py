@@ -532,3 +532,29 @@ def test_switching_models_under_load_fails_nothing(active_a: TestClient) -> None
     assert active_a.get("/v1/models").json()["active"] == last
     final = active_a.put("/v1/models/active", json={"name": "b" if last == "a" else "a"}).json()["active"]
     assert active_a.post("/v1/search", files=upload(png())).json()["model"] == final
+
+
+def test_flip_tta_index_makes_the_service_embed_queries_the_same_way(service_pairs: list[Any], tmp_path: Any) -> None:
+    """An indexed image uploaded as a query finds itself with cosine 1 only if the query got the index's TTA."""
+    from app.config import ModelPair, ServiceSettings
+    from app.main import create_app
+    from indexer.build import add_images, build_index
+    from models.settings import get_settings
+
+    a = next(p for p in service_pairs if p.name == "a")
+    data = a.model.parent / "colours"
+    settings = get_settings().model_copy(update={"cache_dir": a.model.parent / "cache"})
+    build_index(a.model, str(data), tmp_path / "tta", tta="flip", settings=settings, progress=False)
+    # Left half red, right half blue: its mirror image differs, so a query without TTA scores < 1.
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[:, :20, 0] = 230
+    pixels[:, 20:, 2] = 230
+    query = tmp_path / "halves.png"
+    query.write_bytes(png(Image.fromarray(pixels)))
+    assert add_images(tmp_path / "tta", [query], progress=False)["added"] == 1
+    app = create_app(ServiceSettings(models=[ModelPair(model=a.model, index=tmp_path / "tta", name="a")], api_key=None))
+    with TestClient(app) as c:
+        assert [m["tta"] for m in c.get("/v1/models").json()["models"]] == ["flip"]
+        r = c.post("/v1/search", files=upload(query.read_bytes()), data={"k": "1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)

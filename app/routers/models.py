@@ -28,6 +28,7 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelsRespon
                 embedding_dim=man["embedding_dim"],
                 index_size=m.store.index.ntotal,
                 index_type=m.store.manifest["index_type"],
+                tta=m.store.manifest.get("tta", "none"),
                 metrics=metrics,
             )
         )
