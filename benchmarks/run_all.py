@@ -107,6 +107,35 @@ def _forward_ms(bare: dict[str, Any], batch: int) -> float | None:
     return 1000.0 * batch / best if best else None
 
 
+def bracketed(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, Any]:
+    """The bare-model figures as the mean of the runs before and after the service step.
+
+    Keeps ``before`` and ``after`` under "bracket" so the report can show the drift.
+    """
+    if not after:
+        return before
+    out = dict(before)
+    forward = {}
+    for b, f in before.get("forward", {}).items():
+        g = after.get("forward", {}).get(b)
+        if g is None:
+            forward[b] = f
+            continue
+        ms = (f["median_ms"] + g["median_ms"]) / 2
+        forward[b] = {**f, "median_ms": round(ms, 3), "images_per_s": round(f["batch"] / (ms / 1000.0), 2)}
+    out["forward"] = forward
+    if forward:
+        best = max(forward.values(), key=lambda f: f["images_per_s"])
+        out["best_batched"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]}
+    if "c1_reference_ms" in before and "c1_reference_ms" in after:
+        out["c1_reference_ms"] = round((before["c1_reference_ms"] + after["c1_reference_ms"]) / 2, 3)
+    out["bracket"] = {
+        "before": {"c1_reference_ms": before.get("c1_reference_ms"), "best_batched": before.get("best_batched")},
+        "after": {"c1_reference_ms": after.get("c1_reference_ms"), "best_batched": after.get("best_batched")},
+    }
+    return out
+
+
 def _level(svc: dict[str, Any], c: int) -> dict[str, Any] | None:
     return next((lv for lv in svc.get("levels", []) if lv["concurrency"] == c), None)
 
@@ -155,12 +184,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     model_step = results["steps"].get("model", {})
     bare_models = model_step.get("models", []) if "error" not in model_step else []
+    after_step = results["steps"].get("model_after") or {}
+    after_models = after_step.get("models", []) if "error" not in after_step else []
     services = results["steps"].get("service", [])
     indexer_step = results["steps"].get("indexer", {})
     indexers = indexer_step.get("models", []) if "error" not in indexer_step else []
 
     def bare_for(model_dir: str) -> dict[str, Any] | None:
-        return next((m for m in bare_models if _same(m["model_dir"], model_dir)), None)
+        before = next((m for m in bare_models if _same(m["model_dir"], model_dir)), None)
+        after = next((m for m in after_models if _same(m["model_dir"], model_dir)), None)
+        return bracketed(before, after) if before else None
 
     for svc in services:
         if "error" in svc:
@@ -178,6 +211,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             p50 = lv["latency_ok"]["p50_ms"]
             ratio = p50 / ref
             note = "reference = decode + preprocess + batch-1 forward, measured in-process"
+            br = (bare or {}).get("bracket")
+            if br:
+                note += (
+                    f" before and after the service ({br['before']['c1_reference_ms']:.1f} / "
+                    f"{br['after']['c1_reference_ms']:.1f} ms; the mean is used)"
+                )
             note += f"; client {lv.get('client_kind', svc['client'].get('kind', '?'))}"
             cross = svc.get("cross_check")
             if cross and cross["latency_ok"].get("n"):
@@ -211,6 +250,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             mean_batch = (lv.get("server") or {}).get("mean_batch")
             bs = (bare or {}).get("forward", {})
             note = f"best batched forward at batch {best['batch']}; service mean batch {mean_batch}"
+            br = (bare or {}).get("bracket")
+            if br:
+                note += (
+                    f"; bare best before / after the service {br['before']['best_batched']['images_per_s']:.1f} / "
+                    f"{br['after']['best_batched']['images_per_s']:.1f} img/s (per batch size, the mean is used)"
+                )
             if mean_batch and bs:
                 # The forward throughput at the batch size the service actually formed.
                 near = min(bs.values(), key=lambda s: abs(s["batch"] - mean_batch))
@@ -424,6 +469,25 @@ def render(results: dict[str, Any]) -> str:
                     ]
                 )
         L += _table(["model", "batch", "ms/batch (median)", "p10", "p90", "images/s", "reps"], rows)
+        after = steps.get("model_after") or {}
+        if after.get("models"):
+            L += [
+                "The same, measured again after the service step. The targets compare the service with "
+                "the mean of the two, since this machine's speed drifts over minutes:",
+                "",
+            ]
+            rows = []
+            for a in after["models"]:
+                b = next((x for x in ms["models"] if _same(x["model_dir"], a["model_dir"])), None)
+                for key, f in a["forward"].items():
+                    f0 = (b or {}).get("forward", {}).get(key)
+                    drift = f"{(f['median_ms'] / f0['median_ms'] - 1) * 100:+.1f} %" if f0 else "–"
+                    rows.append(
+                        [f"{a['backbone']} {a['input_size']} px", f["batch"], f["median_ms"], f["images_per_s"], drift]
+                    )
+            L += _table(["model", "batch", "ms/batch (median), after", "images/s, after", "ms/batch change"], rows)
+        elif after.get("error"):
+            L += [f"Re-measuring after the service step failed: {after['error']}", ""]
         rows = []
         for b in ms["models"]:
             fs = b.get("faiss_search", {})
@@ -731,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-timeout", type=float, default=3600.0, help="s per step before it is stopped (default %(default)s)"
     )
     p.add_argument(
+        "--no-bracket",
+        action="store_true",
+        help="measure the bare model only before the service, not also after it",
+    )
+    p.add_argument(
         "--keep",
         type=Path,
         default=None,
@@ -826,6 +895,12 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         ]
         for s, m in zip(results["steps"]["service"], models):
             s.setdefault("model_dir", m)
+        if "model" not in args.skip and not args.no_bracket:
+            # The bare model again: this 2-core VM's speed drifts by 10-20 % over minutes, so
+            # the service is compared with the mean of the measurements on either side of it.
+            results["steps"]["model_after"] = run_step(
+                "model", [*argv_m, "--images", args.images, "--data", args.data, *quick], args.step_timeout
+            )
     if "indexer" not in args.skip:
         argv_i = [a for m in models for a in ("--model", m)]
         results["steps"]["indexer"] = run_step(
