@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -35,6 +36,11 @@ class ServiceSettings(Settings):
         description="Extra wait for a fuller batch; 0 = take whatever is queued (no added latency).",
     )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
+    batch_policy: Literal["balanced", "greedy"] = Field(
+        "balanced",
+        description="balanced: under saturation, split the requests in flight into two batches of "
+        "equal size; greedy: always take everything queued (see app/batching.py).",
+    )
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")

@@ -99,6 +99,7 @@ class ModelRegistry:
             on_batch,
             name,
             thread_init=partial(_set_faiss_threads, s.faiss_threads),
+            policy=s.batch_policy,
         )
         self.models[name] = loaded
         if self._active is None:

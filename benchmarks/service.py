@@ -244,13 +244,40 @@ WANTED = (
 )
 
 
+_BATCH_BUCKET = re.compile(r'^imgsim_batch_size_bucket\{[^}]*le="([0-9.+Inf]+)"[^}]*\}\s+([0-9.eE+-]+)$')
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sum of each wanted series over its labels."""
+    """Sum of each wanted series over its labels; batch-size buckets as ``batch_le:<bound>``."""
     out = dict.fromkeys(WANTED, 0.0)
     for line in text.splitlines():
         m = _METRIC.match(line)
         if m and m.group(1) in out and m.group(2) != "NaN":
             out[m.group(1)] += float(m.group(2))
+            continue
+        b = _BATCH_BUCKET.match(line)
+        if b:
+            key = f"batch_le:{b.group(1)}"
+            out[key] = out.get(key, 0.0) + float(b.group(2))
+    return out
+
+
+def batch_histogram(m0: dict[str, float], m1: dict[str, float]) -> dict[str, int]:
+    """Model calls per batch-size range between two scrapes (from the cumulative buckets)."""
+    bounds = sorted((float(k.split(":")[1]), k) for k in m1 if k.startswith("batch_le:"))
+    out: dict[str, int] = {}
+    below, lower = 0.0, 0
+    for bound, key in bounds:
+        n = m1[key] - m0.get(key, 0.0)
+        label = "inf" if bound == float("inf") else str(int(bound))
+        if bound != float("inf"):
+            label = label if int(bound) == lower + 1 else f"{lower + 1}-{int(bound)}"
+            lower = int(bound)
+        else:
+            label = f">{lower}"
+        if n - below:
+            out[label] = int(n - below)
+        below = n
     return out
 
 
@@ -517,6 +544,7 @@ async def run_level(
             "model_busy_fraction": round(busy / wall, 3) if wall > 0 else None,
             "model_ms_per_image": round(1000 * busy / images, 3) if images else None,
             "rejected": int(m1["imgsim_rejected_total"] - m0["imgsim_rejected_total"]),
+            "batch_sizes": batch_histogram(m0, m1),
         }
         n_req = m1["imgsim_request_seconds_count"] - m0["imgsim_request_seconds_count"]
         if n_req > 0:
