@@ -266,18 +266,17 @@ def batch_histogram(m0: dict[str, float], m1: dict[str, float]) -> dict[str, int
     """Model calls per batch-size range between two scrapes (from the cumulative buckets)."""
     bounds = sorted((float(k.split(":")[1]), k) for k in m1 if k.startswith("batch_le:"))
     out: dict[str, int] = {}
-    below, lower = 0.0, 0
+    cumulative_below, lower = 0.0, 0  # calls in the buckets so far; their upper bound
     for bound, key in bounds:
-        n = m1[key] - m0.get(key, 0.0)
-        label = "inf" if bound == float("inf") else str(int(bound))
-        if bound != float("inf"):
-            label = label if int(bound) == lower + 1 else f"{lower + 1}-{int(bound)}"
-            lower = int(bound)
-        else:
+        cumulative = m1[key] - m0.get(key, 0.0)
+        if bound == float("inf"):
             label = f">{lower}"
-        if n - below:
-            out[label] = int(n - below)
-        below = n
+        else:
+            label = str(int(bound)) if int(bound) == lower + 1 else f"{lower + 1}-{int(bound)}"
+            lower = int(bound)
+        if cumulative > cumulative_below:
+            out[label] = int(cumulative - cumulative_below)
+        cumulative_below = cumulative
     return out
 
 

@@ -58,9 +58,8 @@ def evaluate(
         raise ImgsimError(f"{data} has no {split!r} split (has {', '.join(dataset.splits())})")
     embedder = Embedder(trained)
     tta = store.manifest.get("tta", "none")  # queries are embedded as the index's items were
-    notes: list[str] = []
     keys, labels, emb, probs, path_taken, _ = embed_split(
-        embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta, notes
+        embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta
     )
     queries = l2_normalise(emb)
     t0 = time.perf_counter()

@@ -48,6 +48,22 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def features_key(
+    *,
+    backbone: str,
+    weights: str | None,
+    input_size: int,
+    cut: str | None,
+    dataset: str,
+    splits: list[str],
+    flip: bool,
+) -> str:
+    """Key of a training feature cache; training writes it, the indexer finds it again by it."""
+    return cache_key(
+        backbone=backbone, weights=weights, input_size=input_size, cut=cut, dataset=dataset, splits=splits, flip=flip
+    )
+
+
 def load_cache(directory: Path) -> dict[str, FeatureSplit] | None:
     """The cached splits in ``directory``, or None when it is absent or incomplete."""
     meta_path = directory / "meta.json"

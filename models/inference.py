@@ -15,7 +15,7 @@ from models.backbones import preprocess
 from models.datasets import Dataset, SkipCounter
 from models.embed import stream_forward
 from models.errors import ImgsimError
-from models.features import FeatureSplit, cache_key, load_cache
+from models.features import FeatureSplit, features_key, load_cache
 from models.settings import Settings, get_settings
 from models.train import MANIFEST, MODEL_FILE
 
@@ -77,7 +77,7 @@ def mirrored_training_cache(
     """
     if not manifest.get("feature_cache") or manifest["dataset"]["fingerprint"] != dataset.fingerprint:
         return None
-    key = cache_key(  # the key models.train gives the mirrored cache
+    key = features_key(
         backbone=manifest["backbone"],
         weights=(manifest.get("weights") or {}).get("sha256"),
         input_size=manifest["input_size"],

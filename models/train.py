@@ -35,7 +35,7 @@ from models.architecture import (
 from models.backbones import Preprocessing, preprocess
 from models.datasets import Dataset, open_dataset
 from models.errors import ImgsimError
-from models.features import FeatureSplit, build_cache, cache_key, load_cache
+from models.features import FeatureSplit, build_cache, features_key, load_cache
 from models.report import confusion_matrix, format_report, per_class_report, plot_confusion, plot_curves
 from models.settings import Settings, get_settings
 
@@ -231,7 +231,7 @@ def _features(
     describe = {"backbone": opts.backbone, "cut": arch.cut, "data": opts.data}
 
     def cached(parts: list[str], mirrored: bool) -> tuple[dict[str, FeatureSplit], str, bool, list[str]]:
-        key = cache_key(
+        key = features_key(
             backbone=opts.backbone,
             weights=arch.weights.sha256 if arch.weights else None,
             input_size=opts.input_size,
