@@ -49,6 +49,11 @@ class Settings(BaseSettings):
 
     input_size: int = Field(224, ge=32, le=512, description="Default square input size in pixels.")
     batch_size: int = Field(32, ge=1, le=1024, description="Default inference batch size.")
+    freeze_graph: bool = Field(
+        True,
+        description="Run inference on a graph with the weights folded in as constants: oneDNN then "
+        "re-lays-out each convolution's weights once instead of on every call (docs/performance.md).",
+    )
     seed: int = Field(0, description="Seed for splits and sampling.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out validation share.")
 

@@ -25,6 +25,7 @@ from indexer.evaluate import evaluate, exact_recall_at_k
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
+from models.backbones import preprocess
 from models.datasets import decode_image, open_dataset
 from models.errors import ImgsimError
 from models.inference import Embedder, load_trained
@@ -224,6 +225,23 @@ def test_built_index_scores_are_cosines_of_model_embeddings(env: Env) -> None:
     all_ids = np.array(sorted(raw_by_id))
     cos = l2_normalise(queries) @ l2_normalise(np.stack([raw_by_id[i] for i in all_ids])).T
     np.testing.assert_allclose(scores, -np.sort(-cos, axis=1)[:, :10], atol=1e-5)
+
+
+def test_frozen_graph_matches_keras(env: Env) -> None:
+    """The service's and indexer's frozen graph gives Keras' outputs, at any batch size."""
+    trained = load_trained(env.model)
+    frozen, plain = Embedder(trained, freeze=True), Embedder(trained, freeze=False)
+    assert frozen.frozen and not plain.frozen
+    assert not frozen._forward.graph.captured_inputs  # weights are constants, not variables
+    size = frozen.input_size
+    imgs = np.random.default_rng(0).integers(0, 256, (7, size, size, 3), dtype=np.uint8)
+    for n in (1, 7):
+        emb, probs = frozen(imgs[:n])
+        emb_plain, probs_plain = plain(imgs[:n])
+        np.testing.assert_allclose(emb, emb_plain, rtol=1e-4, atol=1e-5)
+        keras_probs = trained.model.predict_on_batch(preprocess(imgs[:n], trained.manifest["preprocessing"]))
+        np.testing.assert_allclose(probs, keras_probs, rtol=1e-4, atol=1e-6)
+        assert emb.shape[0] == n and probs.shape == (n, len(trained.manifest["class_names"]))
 
 
 def test_cached_and_full_model_paths_agree(env: Env, tmp_path: Path) -> None:
