@@ -41,6 +41,13 @@ class ServiceSettings(Settings):
         description="balanced: under saturation, split the requests in flight into two batches of "
         "equal size; greedy: always take everything queued (see app/batching.py).",
     )
+    model_streams: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Model calls that may run at once per model, sharing max_batch_size images: two "
+        "concurrent batches keep the cores busier than one (see app/batching.py).",
+    )
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")

@@ -100,6 +100,7 @@ class ModelRegistry:
             name,
             thread_init=partial(_set_faiss_threads, s.faiss_threads),
             policy=s.batch_policy,
+            streams=s.model_streams,
         )
         self.models[name] = loaded
         if self._active is None:

@@ -107,6 +107,11 @@ def _forward_ms(bare: dict[str, Any], batch: int) -> float | None:
     return 1000.0 * batch / best if best else None
 
 
+def _best_two_calls(bare: dict[str, Any]) -> dict[str, Any] | None:
+    calls = list((bare.get("two_calls") or {}).values())
+    return max(calls, key=lambda c: c["images_per_s"]) if calls else None
+
+
 def bracketed(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, Any]:
     """The bare-model figures as the mean of the runs before and after the service step.
 
@@ -127,6 +132,11 @@ def bracketed(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str,
     if forward:
         best = max(forward.values(), key=lambda f: f["images_per_s"])
         out["best_batched"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]}
+    two = {}
+    for b, f in (before.get("two_calls") or {}).items():
+        g = (after.get("two_calls") or {}).get(b)
+        two[b] = f if g is None else {**f, "images_per_s": round((f["images_per_s"] + g["images_per_s"]) / 2, 2)}
+    out["two_calls"] = two
     if "c1_reference_ms" in before and "c1_reference_ms" in after:
         out["c1_reference_ms"] = round((before["c1_reference_ms"] + after["c1_reference_ms"]) / 2, 3)
     out["bracket"] = {
@@ -145,33 +155,34 @@ def queue_bound_ms(
 ) -> tuple[float | None, str]:
     """Longest an admitted request should take, from the queue limit, and how it was computed.
 
-    Ahead of a newly admitted request: at most one running batch and ``max_queue - 1``
-    queued images, so it is answered within ``1 + ceil(max_queue / max_batch)`` full
-    batches, plus the per-request cost outside the batch (HTTP, parsing, decode), taken as
-    the c=1 median latency (which also holds one batch-1 forward: generous on purpose).
-    The loop then answers the batch's requests one by one (max_batch x its CPU per request).
-    A full batch takes max_batch x the service's own model time per image at this level
-    (from /metrics: forward + FAISS, under this level's CPU contention); the bare forward
-    (+ FAISS batch search) when the service did not report it.
+    Ahead of a newly admitted request: at most ``max_batch`` images in the running model
+    call(s) and ``max_queue - 1`` queued, so it is answered once ``max_batch + max_queue``
+    images have gone through the model (its own included), plus the per-request cost
+    outside the model (HTTP, parsing, decode), taken as the c=1 median latency (which also
+    holds one batch-1 forward: generous on purpose). The loop then answers the last batch's
+    requests one by one (max_batch x its CPU per request). The time per image is this
+    level's wall time per answered image (the service's throughput under this level's load;
+    with two model streams a call's own duration would count shared time twice); the bare
+    batch-``max_batch`` forward (+ FAISS) when the level has no answers.
     """
     b, q = settings["max_batch_size"], settings["max_queue"]
-    per_image = (level.get("server") or {}).get("model_ms_per_image")
-    if per_image:
-        t, how = b * per_image, f"batch time {b} x {per_image:.2f} ms/image (service, this level)"
+    rate = level.get("ok_per_s")
+    if rate:
+        per_image, how = 1000.0 / rate, f"{1000.0 / rate:.2f} ms/image = 1 / this level's {rate:.1f} answers/s"
     else:
         t0 = _forward_ms(bare, b)
         if t0 is None:
             return None, "no batch time"
-        t, how = t0 + search_ms, f"bare batch-{b} forward + FAISS"
-    n = math.ceil(q / b) + 1
+        per_image, how = (t0 + search_ms) / b, f"bare batch-{b} forward + FAISS"
+    work = (b + q) * per_image
     # The event loop answers a finished batch one request after the other: the last answer
     # waits for the loop's work on the whole batch (measured loop CPU per request, this level).
     loop_ms = (level.get("cpu_ms_per_request") or {}).get("event_loop") or 0.0
     drain = b * loop_ms
     return (
-        n * t + drain + fixed_ms,
-        f"{n} batches x {t:.0f} ms ({how}) + {drain:.0f} ms (loop answers a batch: {b} x {loop_ms:.2f} ms) "
-        f"+ {fixed_ms:.0f} ms (c=1 p50)",
+        work + drain + fixed_ms,
+        f"({b} in the model + {q} queued) x {how} = {work:.0f} ms + {drain:.0f} ms (loop answers a batch: "
+        f"{b} x {loop_ms:.2f} ms) + {fixed_ms:.0f} ms (c=1 p50)",
     )
 
 
@@ -260,6 +271,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 # The forward throughput at the batch size the service actually formed.
                 near = min(bs.values(), key=lambda s: abs(s["batch"] - mean_batch))
                 note += f"; bare forward at batch {near['batch']}: {near['images_per_s']:.1f} img/s"
+            two = _best_two_calls(bare or {})
+            if two and two["images_per_s"] > best["images_per_s"]:
+                note += (
+                    f"; stricter, against two concurrent calls of batch {two['batch']} "
+                    f"({two['images_per_s']:.1f} img/s): {lv['ok_per_s'] / two['images_per_s']:.3f}"
+                )
             rows.append(
                 {
                     "target": f"c={c} throughput" + (f" >= {limit} x best batched forward" if limit else " (info)"),
@@ -507,6 +524,7 @@ def render(results: dict[str, Any]) -> str:
                     if fs
                     else "–",
                     f"{b['best_batched']['images_per_s']:.1f} at {b['best_batched']['batch']}",
+                    " / ".join(f"{t['images_per_s']:.1f}" for t in (b.get("two_calls") or {}).values()) or "–",
                 ]
             )
         L += _table(
@@ -520,6 +538,7 @@ def render(results: dict[str, Any]) -> str:
                 "c=1 reference ms",
                 "FAISS search ms, 1 / 32 queries (index)",
                 "best batched img/s",
+                "2 calls at once, img/s (batch " + "/".join((ms["models"][0].get("two_calls") or {}).keys()) + ")",
             ],
             rows,
         )
@@ -529,7 +548,10 @@ def render(results: dict[str, Any]) -> str:
                 "decode_upload is the service's decode (header check + decode_image). FAISS search: "
                 "`IndexStore.search` on the service's index with 1 OpenMP thread (the service default). "
                 "Batch 1 after 10 ms idle: how a lone request meets the model (TensorFlow's threads asleep); "
-                "information only, the reference uses back-to-back calls."
+                "information only, the reference uses back-to-back calls. 2 calls at once: two threads each "
+                "calling the model back to back (the service's two model streams, `IMGSIM_MODEL_STREAMS`); "
+                "the targets use the single-call best, as the issue defines it, and the c=16 and c=64 "
+                "notes give the ratio against this stricter figure too."
             ),
             "",
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -20,18 +21,29 @@ def test_batch_limit() -> None:
     assert batch_limit("balanced", 32, 2 * MIN_HALF - 2, waited=False) == 32  # halves too small to pay
 
 
-def _closed_loop(policy: str, clients: int, rounds: int) -> list[int]:
-    """``clients`` callers that each send again as soon as they are answered; the batch sizes seen."""
+def _closed_loop(
+    policy: str, clients: int, rounds: int, streams: int = 1, max_batch: int = 32, peak: list[int] | None = None
+) -> list[int]:
+    """``clients`` callers that each send again as soon as they are answered; the batch sizes
+    seen, in the order the calls started. ``peak`` gets the most images ever in flight at once."""
     sizes: list[int] = []
+    running: list[int] = []
+    lock = threading.Lock()
 
     def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        sizes.append(len(images))
-        time.sleep(0.005 + 0.002 * len(images))  # a fixed cost per call plus a cost per image
         n = len(images)
+        with lock:
+            sizes.append(n)
+            running.append(n)
+            if peak is not None:
+                peak.append(sum(running))
+        time.sleep(0.005 + 0.002 * n)  # a fixed cost per call plus a cost per image
+        with lock:
+            running.remove(n)
         return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
 
     async def main() -> None:
-        batcher = MicroBatcher(run_batch, max_batch=32, policy=policy)
+        batcher = MicroBatcher(run_batch, max_batch=max_batch, policy=policy, streams=streams)
         batcher.start()
 
         async def client(i: int) -> None:
@@ -59,6 +71,28 @@ def test_balanced_settles_into_two_equal_halves() -> None:
 
 def test_balanced_leaves_small_loads_alone() -> None:
     assert _closed_loop("balanced", 4, 5) == _closed_loop("greedy", 4, 5)
+
+
+def test_two_streams_settle_into_two_concurrent_halves() -> None:
+    peak: list[int] = []
+    sizes = _closed_loop("balanced", 16, 8, streams=2, peak=peak)
+    assert sum(sizes) == 16 * 8
+    assert sizes[4:-4] == [8] * len(sizes[4:-4]), sizes
+    assert max(peak[4:-4]) == 16  # both halves run at once
+
+
+def test_two_streams_lone_requests_never_wait() -> None:
+    start = time.perf_counter()
+    sizes = _closed_loop("balanced", 1, 20, streams=2)
+    assert sizes == [1] * 20
+    assert time.perf_counter() - start < 20 * (0.007 + 0.004)  # 7 ms per call, a few ms of slack in all
+
+
+def test_two_streams_share_the_max_batch_budget() -> None:
+    peak: list[int] = []
+    sizes = _closed_loop("balanced", 40, 4, streams=2, max_batch=8, peak=peak)
+    assert sum(sizes) == 40 * 4 and max(peak) == 8  # never more than max_batch images in flight
+    assert max(sizes) <= 8
 
 
 def test_unknown_policy_is_refused() -> None:
