@@ -11,8 +11,23 @@ drifts by several per cent over minutes, so one A-then-B pair proves little):
   to 32 (as the service's micro-batches arrive). TensorFlow keeps its oneDNN primitives in a
   per-thread cache of 1024 entries; does cycling through many batch shapes evict them?
 
+* ``freeze``: ms per image at batch 1, 8, 16 and 32 for the Keras variables graph and the
+  frozen graph (weights as constants; ``IMGSIM_FREEZE_GRAPH``), alternating.
+* ``streams``: ms per image of one call at batch 8, 16 and 32, against two threads each
+  calling at batch 8 or 16 at once (the service's two model streams), alternating.
+
     python -m benchmarks.probes contention --model runs/resnet50-cifar10
     python -m benchmarks.probes batch-mix --model runs/resnet50-cifar10
+    python -m benchmarks.probes freeze --model runs/resnet50-cifar10 --rounds 2 --seconds 4
+    python -m benchmarks.probes streams --model runs/resnet50-cifar10 --rounds 3 --seconds 4
+    python -m benchmarks.probes search-cold --model runs/vgg16-cifar10 --index indexes/vgg16-cifar10-hnsw
+    python -m benchmarks.probes app-overhead
+
+* ``search-cold``: one FAISS search (k=10, 1 OpenMP thread) back to back, then right after a
+  batch-1 forward pass, as every search at concurrency 1 runs in the service.
+* ``app-overhead``: the FastAPI app's own time for one multipart ``POST /v1/search``, in
+  process, with a stub model that answers at once (no TensorFlow, no HTTP server), and
+  where that time goes (cProfile, cumulative).
 """
 
 from __future__ import annotations
@@ -103,21 +118,204 @@ def batch_mix(embedder, seconds: float, rounds: int) -> None:  # noqa: ANN001
     print(f"mean over {rounds} rounds: alone {a:.2f}, mixed {m:.2f} ms/img ({(m / a - 1) * 100:+.1f} %)")
 
 
+def _ms_per_image(calls: list, batch: np.ndarray, seconds: float) -> float:  # noqa: ANN001
+    """Each callable in ``calls`` runs ``batch`` back to back in its own thread; ms per image overall."""
+    calls[0](batch)
+    counts = [0] * len(calls)
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            calls[i](batch)
+            counts[i] += len(batch)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (time.perf_counter() - start) / sum(counts) * 1000
+
+
+def freeze(model_dir: Path, seconds: float, rounds: int) -> None:
+    from models.inference import Embedder, load_trained
+
+    trained = load_trained(model_dir)
+    graphs = {"variables": Embedder(trained, freeze=False), "frozen": Embedder(trained, freeze=True)}
+    size = graphs["frozen"].input_size
+    imgs = np.random.default_rng(0).integers(0, 255, (32, size, size, 3), dtype=np.uint8)
+    for r in range(rounds):
+        for b in (1, 8, 16, 32):
+            ms = {name: _ms_per_image([e], imgs[:b], seconds) for name, e in graphs.items()}
+            print(
+                f"round {r + 1} batch {b:2d}: variables {ms['variables']:6.2f}  frozen {ms['frozen']:6.2f} ms/img "
+                f"({(ms['frozen'] / ms['variables'] - 1) * 100:+.1f} %)",
+                flush=True,
+            )
+
+
+def streams(embedder, seconds: float, rounds: int) -> None:  # noqa: ANN001
+    size = embedder.input_size
+    imgs = np.random.default_rng(0).integers(0, 255, (32, size, size, 3), dtype=np.uint8)
+    cases = [("1 call  b8", 1, 8), ("2 calls b8", 2, 8), ("1 call  b16", 1, 16), ("2 calls b16", 2, 16)]
+    cases.append(("1 call  b32", 1, 32))
+    for r in range(rounds):
+        ms = {label: _ms_per_image([embedder] * n, imgs[:b], seconds) for label, n, b in cases}
+        b32 = ms["1 call  b32"]
+        print(
+            f"round {r + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in ms.items()) + " ms/img; "
+            "throughput vs 1 call b32: " + "  ".join(f"{k.strip()} {b32 / v:.3f}" for k, v in ms.items() if v != b32),
+            flush=True,
+        )
+
+
+def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
+    import faiss
+
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(index_dir)
+    faiss.omp_set_num_threads(1)
+    size = embedder.input_size
+    imgs = np.random.default_rng(0).integers(0, 255, (64, 1, size, size, 3), dtype=np.uint8)
+    embs = [embedder(im)[0] for im in imgs]
+    warm, cold = [], []
+    for _ in range(rounds):
+        for e in embs:
+            t = time.perf_counter()
+            store.search(e, 10)
+            warm.append(time.perf_counter() - t)
+        for im, e in zip(imgs, embs):
+            embedder(im)
+            t = time.perf_counter()
+            store.search(e, 10)
+            cold.append(time.perf_counter() - t)
+    print(
+        f"{store.manifest.get('index_type')} index of {store.index.ntotal}: one search back to back "
+        f"{statistics.median(warm) * 1000:.3f} ms, right after a forward pass {statistics.median(cold) * 1000:.3f} ms "
+        f"(median of {len(warm)})"
+    )
+
+
+def app_overhead(requests: int, rounds: int) -> None:
+    """The app's time per search request with a stub model: routing, multipart, decode, response."""
+    import asyncio
+    import cProfile
+    import io
+    import pstats
+
+    from PIL import Image
+
+    from app.batching import Result
+    from app.config import ServiceSettings
+    from app.main import create_app
+
+    class Batcher:
+        full, max_queue, depth = False, 256, 0
+
+        async def submit(self, image: np.ndarray, k: int) -> Result:
+            scores = np.linspace(1, 0.5, k).astype(np.float32)
+            return Result(np.zeros(1024, np.float32), np.full(10, 0.1, np.float32), scores, np.arange(k), 1, 0.0)
+
+    class Loaded:
+        name, batcher = "stub", Batcher()
+        store = type("Store", (), {"label_names": lambda self, ids: ["cat"] * len(ids)})()
+        embedder = type("Emb", (), {"input_size": 64, "class_names": [f"c{i}" for i in range(10)]})()
+
+    app = create_app(ServiceSettings(models=[]))
+    loaded = Loaded()
+    app.state.registry = type("Registry", (), {"models": {"stub": loaded}, "get": lambda self, name: loaded})()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    boundary = b"imgsimprobe"
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="q.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + buf.getvalue() + b"\r\n--" + boundary + b"--\r\n"
+    )
+    headers = [
+        (b"host", b"probe"),
+        (b"content-type", b"multipart/form-data; boundary=" + boundary),
+        (b"content-length", str(len(body)).encode()),
+    ]
+
+    async def one() -> int:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/search", "raw_path": b"/v1/search", "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+            "state": {}, "app": app,
+        }  # fmt: skip
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        status = [0]
+
+        async def receive() -> dict:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+
+        await app(scope, receive, send)
+        return status[0]
+
+    async def timed() -> list[float]:
+        assert await one() == 200
+        out = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            await one()
+            out.append(time.perf_counter() - t)
+        return out
+
+    for r in range(rounds):
+        print(f"round {r + 1}: {statistics.median(asyncio.run(timed())) * 1e6:.0f} us per request (median)")
+    prof = cProfile.Profile()
+    prof.runcall(asyncio.run, timed())
+    total = pstats.Stats(prof).total_tt
+    stats = pstats.Stats(prof)
+    print(f"cProfile, cumulative share of {total:.2f} s (profiling inflates all times):")
+    wanted = {
+        "decode_upload": "decode the upload (Pillow)",
+        "_get_form": "multipart parsing (Starlette + python-multipart)",
+        "request_body_to_args": "form fields -> parameters (FastAPI)",
+        "solve_dependencies": "dependency solving, incl. form fields -> parameters (FastAPI)",
+        "serialize_response": "response model -> JSON (FastAPI)",
+    }
+    for (_, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        if name in wanted:
+            print(f"  {row[3] / total:6.1%}  {wanted.pop(name)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("contention", "batch-mix"))
-    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR")
+    p.add_argument("probe", choices=("contention", "batch-mix", "freeze", "streams", "search-cold", "app-overhead"))
+    p.add_argument("--model", type=Path, help="MODEL_DIR (every probe but app-overhead)")
+    p.add_argument("--index", type=Path, help="search-cold: INDEX_DIR")
+    p.add_argument("--requests", type=int, default=2000, help="app-overhead: per round (default %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="contention: batch size (default %(default)s)")
     p.add_argument("--seconds", type=float, default=12.0, help="per condition and round (default %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="alternations (default %(default)s)")
     p.add_argument("--burst-ms", type=float, default=1.0, help="contention: CPU burst (default %(default)s)")
     p.add_argument("--period-ms", type=float, default=17.0, help="contention: one burst per (default %(default)s)")
     args = p.parse_args()
+    if args.probe == "app-overhead":
+        app_overhead(args.requests, args.rounds)
+        return
+    if args.model is None or (args.probe == "search-cold" and args.index is None):
+        p.error(f"{args.probe} needs --model" + (" and --index" if args.probe == "search-cold" else ""))
     quiet_tensorflow()
     from models.inference import Embedder, load_trained
 
+    if args.probe == "freeze":
+        freeze(args.model, args.seconds, args.rounds)
+        return
     embedder = Embedder(load_trained(args.model))
-    if args.probe == "contention":
+    if args.probe == "streams":
+        streams(embedder, args.seconds, args.rounds)
+    elif args.probe == "search-cold":
+        search_cold(embedder, args.index, args.rounds)
+    elif args.probe == "contention":
         contention(embedder, args.batch, args.seconds, args.rounds, args.burst_ms, args.period_ms)
     else:
         batch_mix(embedder, args.seconds, args.rounds)
