@@ -8,9 +8,9 @@ so the event loop stays free), then resolves each request's future. With
 ``max_wait_ms=0`` a lone request runs at once, and batches form while the model is busy.
 
 Two streams (the default) let two model calls share TensorFlow's thread pool: on this
-2-core machine two concurrent batches of 8 ran at 0.97-1.0 of one batch of 32's
-throughput, one batch of 8 at 0.88-0.92 (docs/performance.md), because one call's small
-ops leave cores idle that the other call's ops fill. A free worker starts at once when no
+2-core machine two concurrent batches of 8 of ResNet50 ran at 1.01-1.07 of one batch of
+32's throughput, one batch of 8 at 0.91-0.98 (docs/performance.md), because one call's
+small ops leave cores idle that the other call's ops fill. A free worker starts at once when no
 other call is running (a lone request never waits); while one is, waiting costs nothing
 (the running call has the cores), so the worker waits until a balanced share of the work
 (in flight and queued, split between the streams) is queued, or until that call ends.

@@ -48,8 +48,11 @@ from benchmarks.common import (
     load_jpegs,
     log,
     parse_int_list,
+    quiet_tensorflow,
     read_manifest,
     sigterm_as_exit,
+    summarise,
+    time_calls,
     write_json,
 )
 
@@ -598,6 +601,50 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+class BareModel:
+    """The bare model in this (client) process, for references measured between service runs.
+
+    This VM's speed drifts by up to 16 % within minutes, so a reference measured minutes
+    before or after the service compares two moments as much as two programs. ``--paired``
+    alternates short service runs with these measurements while the service sits idle, and
+    compares each service run with the reference taken just before it.
+    """
+
+    def __init__(self, model_dir: Path, images: list[tuple[str, bytes]]) -> None:
+        import numpy as np
+
+        from models.datasets import decode_image
+        from models.inference import Embedder, load_trained
+
+        quiet_tensorflow()
+        self.embedder = Embedder(load_trained(model_dir))
+        self.size = self.embedder.input_size
+        self.jpeg = images[0][1]
+        self._decode = decode_image
+        decoded = [decode_image(data, self.size) for _, data in images]
+        self.batches = {b: np.stack([decoded[i % len(decoded)] for i in range(b)]) for b in (16, 32)}
+        self.embedder(self.batches[16][:1])
+
+    def c1_reference_ms(self, seconds: float) -> float:
+        """decode + preprocess + batch-1 forward, back to back (as benchmarks.model defines it)."""
+
+        def call() -> None:
+            self.embedder(self._decode(self.jpeg, self.size)[None])
+
+        return summarise(time_calls(call, min_reps=10, max_reps=1000, budget_s=seconds))["median_ms"]
+
+    def best_batched_img_s(self, seconds: float) -> tuple[int, float]:
+        """The best of batch 16 and 32, one call at a time (as benchmarks.model defines it)."""
+        rates = {}
+        for b, batch in self.batches.items():
+            ms = summarise(
+                time_calls(lambda batch=batch: self.embedder(batch), min_reps=3, max_reps=100, budget_s=seconds)
+            )
+            rates[b] = b / (ms["median_ms"] / 1000.0)
+        best = max(rates, key=lambda b: rates[b])
+        return best, rates[best]
+
+
 def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(kv.split("=", 1) for kv in args.env)
     manifest = read_manifest(args.model)
@@ -635,7 +682,7 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
         "levels": [],
     }
 
-    def level(svc: Service, c: int, client: str = args.client) -> dict[str, Any]:
+    def level(svc: Service, c: int, client: str = args.client, requests: int | None = None) -> dict[str, Any]:
         if svc.proc is not None and svc.proc.poll() is not None:
             raise RuntimeError(f"the service exited (code {svc.proc.returncode}):\n{svc.log_tail()}")
         r = loop.run_until_complete(
@@ -644,7 +691,7 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
                 args.endpoint,
                 payloads,
                 c,
-                max(args.requests, 2 * c),
+                max(requests or args.requests, 2 * c),
                 args.max_seconds,
                 args.timeout,
                 args.retry_sleep,
@@ -670,6 +717,8 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
                     r = level(svc, c)
                     result["levels"].append(r)
                     log(level_line(r))
+                if args.paired:
+                    result["paired"] = paired_runs(args, images, lambda c, n: level(svc, c, requests=n))
                 if args.cross_client != "none" and args.cross_client != args.client:
                     r = level(svc, 1, args.cross_client)
                     result["cross_check"] = r
@@ -690,6 +739,35 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         loop.close()
     return result
+
+
+def paired_runs(args: argparse.Namespace, images: list[tuple[str, bytes]], level: Any) -> dict[str, Any]:
+    """``--paired`` rounds: the bare reference, then a short service run, alternately.
+
+    c=1: median latency against decode + batch-1 forward; c=16: answers/s against the best
+    batched forward. The ratio reported is the median of the rounds' ratios.
+    """
+    import statistics
+
+    bare = BareModel(args.model, images)
+    out: dict[str, Any] = {"rounds": args.paired, "c1": [], "c16": []}
+    for r in range(args.paired):
+        ref = bare.c1_reference_ms(2.0)
+        lv = level(1, args.paired_requests)
+        p50 = lv["latency_ok"]["p50_ms"]
+        out["c1"].append({"reference_ms": round(ref, 3), "p50_ms": p50, "ratio": round(p50 / ref, 4)})
+        log(f"paired round {r + 1}: c=1 p50 {p50:.1f} ms vs reference {ref:.2f} ms -> {p50 / ref:.3f}")
+    for r in range(args.paired):
+        b, rate = bare.best_batched_img_s(2.0)
+        lv = level(16, args.paired_requests * 2)
+        ok = lv["ok_per_s"]
+        out["c16"].append(
+            {"reference_img_s": round(rate, 2), "reference_batch": b, "ok_per_s": ok, "ratio": round(ok / rate, 4)}
+        )
+        log(f"paired round {r + 1}: c=16 {ok:.1f} req/s vs batch-{b} forward {rate:.1f} img/s -> {ok / rate:.3f}")
+    for key in ("c1", "c16"):
+        out[f"{key}_ratio"] = round(statistics.median(x["ratio"] for x in out[key]), 4)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -743,6 +821,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--retry-sleep", type=float, default=0.1, help="a worker's pause after a 503, s (default %(default)s)"
+    )
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="then alternate ROUNDS times: the bare model in this process (service idle), then a short "
+        "service run, at c=1 and at c=16; ratios free of the machine's drift (0: off, default)",
+    )
+    p.add_argument(
+        "--paired-requests", type=int, default=200, help="requests per paired c=1 run; c=16 runs twice as many"
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz (default %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")

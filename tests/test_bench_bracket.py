@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.run_all import bracketed
+from benchmarks.run_all import bracketed, queue_bound_ms
 
 
 def _bare(b1_ms: float, b8_ms: float, ref_ms: float) -> dict:
@@ -29,3 +29,21 @@ def test_without_a_second_measurement_the_first_is_used() -> None:
     before = _bare(20.0, 100.0, 20.5)
     assert bracketed(before, None) is before
     assert bracketed(before, {}) is before
+
+
+def test_two_call_reference_is_averaged_too() -> None:
+    before, after = _bare(20.0, 100.0, 20.5), _bare(30.0, 140.0, 30.5)
+    before["two_calls"] = {"8": {"batch": 8, "images_per_s": 80.0}}
+    after["two_calls"] = {"8": {"batch": 8, "images_per_s": 60.0}}
+    assert bracketed(before, after)["two_calls"]["8"]["images_per_s"] == 70.0
+
+
+def test_queue_bound_counts_the_images_that_can_be_ahead() -> None:
+    """(max_batch in the model + max_queue queued) at the level's rate, + one batch's answers + c=1."""
+    settings = {"max_batch_size": 32, "max_queue": 32}
+    level = {"ok_per_s": 80.0, "cpu_ms_per_request": {"event_loop": 1.0}}
+    bound, how = queue_bound_ms({}, settings, level, fixed_ms=20.0)
+    assert bound == 64 * 1000 / 80 + 32 * 1.0 + 20.0  # 800 + 32 + 20 ms
+    assert "32 in the model + 32 queued" in how
+    bigger, _ = queue_bound_ms({}, {**settings, "max_queue": 256}, level, fixed_ms=20.0)
+    assert bigger == 288 * 1000 / 80 + 32 + 20.0  # the bound grows with the queue limit
