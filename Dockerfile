@@ -7,6 +7,8 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
+# Marks every image this file builds, so scripts/container-check.sh can remove its own stale ones.
+LABEL io.imgsim.image=1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
@@ -21,6 +23,7 @@ RUN if [ "$GPU" = 1 ]; then /opt/venv/bin/pip uninstall -y tensorflow-cpu \
       && /opt/venv/bin/pip install "tensorflow[and-cuda]>=2.21,<2.22"; fi
 
 FROM ${PYTHON_IMAGE} AS runtime-base
+LABEL io.imgsim.image=1
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
