@@ -15,7 +15,12 @@ t0=$(date +%s)
 bash "$TOOL" --setup-only
 export CONTAINERS_CONF=/tmp/container-check/containers.conf PATH=/tmp/container-check/venv/bin:$PATH
 compose() { podman-compose -f "$COMPOSE" "$@"; }
-cleanup() { compose down -t 5 >/dev/null 2>&1 || true; }
+# Each run leaves the previous images untagged, about 6.5 GB per run. On exit, remove those of
+# this project only (label set in the Dockerfile), never other untagged images on the machine.
+cleanup() {
+  compose down -t 5 >/dev/null 2>&1 || true
+  podman image prune -f --filter label=io.imgsim.image=1 >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 compose down -v -t 5 >/dev/null 2>&1 || true   # start from an empty volume, like a fresh machine
 
@@ -26,9 +31,6 @@ podman build -q --target prepare -t imgsim-prepare:latest . >/dev/null
 podman build -q --target runtime -t imgsim:latest .
 t2=$(date +%s)
 echo "container-check: image build took $(( t2 - t1 )) s"
-# A rebuild leaves the previous images untagged, about 6.5 GB per run; remove those of this
-# project only (label set in the Dockerfile), never other untagged images on the machine.
-podman image prune -f --filter label=io.imgsim.image=1 >/dev/null 2>&1 || true
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'imgsim' | sed 's/^/container-check: image /'
 
 bash "$TOOL" --compose "$COMPOSE" --url "$URL/readyz" --timeout "${TIMEOUT:-900}" --keep
