@@ -167,8 +167,8 @@ class MicroBatcher:
 
     def _share(self) -> int:
         """A balanced batch: the work in flight and queued, split evenly between the streams."""
-        load = sum(self._in_flight) + len(self._pending)
-        return batch_limit(self.policy, self.max_batch, load, False, self.streams, sum(self._in_flight))
+        in_flight = sum(self._in_flight)
+        return batch_limit(self.policy, self.max_batch, in_flight + len(self._pending), False, self.streams, in_flight)
 
     def _ready(self) -> bool:
         """May a free worker start a call now? (Called with the condition's lock held.)"""

@@ -286,6 +286,29 @@ def time_calls(
     return times
 
 
+def threaded_rate(calls: Sequence[Callable[[Any], object]], batch: Any, seconds: float) -> float:
+    """Images/s when each callable runs ``batch`` back to back in its own thread, all at once
+    (one callable: one call at a time; two: the service's two model streams)."""
+    import threading
+
+    calls[0](batch)  # warm-up
+    counts = [0] * len(calls)
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            calls[i](batch)
+            counts[i] += len(batch)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
 def summarise(seconds: Sequence[float]) -> dict[str, float]:
     """Median and spread of a list of durations, in milliseconds."""
     a = np.asarray(seconds, dtype=np.float64) * 1000.0

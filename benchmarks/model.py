@@ -38,6 +38,7 @@ from benchmarks.common import (
     quiet_tensorflow,
     summarise,
     tf_threads,
+    threaded_rate,
     time_calls,
     write_json,
 )
@@ -116,7 +117,7 @@ def bench_model(
     two_calls: dict[str, Any] = {}
     for b in [b for b in batch_sizes if 1 < b <= 16]:
         batch = np.stack([decoded[i % len(decoded)] for i in range(b)])
-        rate = two_call_rate(embedder, batch, seconds=min(budget_s, 6.0))
+        rate = threaded_rate([embedder, embedder], batch, seconds=min(budget_s, 6.0))
         two_calls[str(b)] = {"batch": b, "images_per_s": round(rate, 2)}
         log(f"  2 calls of batch {b:2d} at once: {rate:8.1f} img/s")
 
@@ -160,28 +161,6 @@ def bench_model(
     if index_dir is not None:
         out["faiss_search"] = bench_index_search(index_dir, embedder, one, k, budget_s=min(budget_s, 5.0))
     return out
-
-
-def two_call_rate(embedder: Any, batch: Any, seconds: float) -> float:
-    """Images/s of two threads calling the model back to back, each with ``batch``."""
-    import threading
-
-    embedder(batch)
-    counts = [0, 0]
-    stop = time.perf_counter() + seconds
-
-    def worker(i: int) -> None:
-        while time.perf_counter() < stop:
-            embedder(batch)
-            counts[i] += len(batch)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
 
 
 def bench_index_search(index_dir: Path, embedder: Any, one: Any, k: int, budget_s: float) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import quiet_tensorflow
+from benchmarks.common import quiet_tensorflow, threaded_rate
 
 
 def _burner(burst_ms: float, period_ms: float, stop: threading.Event, burned: list[float]) -> None:
@@ -119,23 +119,7 @@ def batch_mix(embedder, seconds: float, rounds: int) -> None:  # noqa: ANN001
 
 
 def _ms_per_image(calls: list, batch: np.ndarray, seconds: float) -> float:  # noqa: ANN001
-    """Each callable in ``calls`` runs ``batch`` back to back in its own thread; ms per image overall."""
-    calls[0](batch)
-    counts = [0] * len(calls)
-    stop = time.perf_counter() + seconds
-
-    def worker(i: int) -> None:
-        while time.perf_counter() < stop:
-            calls[i](batch)
-            counts[i] += len(batch)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return (time.perf_counter() - start) / sum(counts) * 1000
+    return 1000.0 / threaded_rate(calls, batch, seconds)
 
 
 def freeze(model_dir: Path, seconds: float, rounds: int) -> None:
