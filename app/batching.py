@@ -17,6 +17,10 @@ other call is running (a lone request never waits); while one is, waiting costs 
 Each call takes at most ``max_batch / streams`` images, so at most ``max_batch`` are in
 flight and a full queue implies the same latency as with one stream.
 
+With ``max_queue_ms`` set, a request still queued after that long is refused (QueueFull, 503)
+when a worker reaches it instead of being run late: an answered request then waited at most
+that long before its model call started.
+
 Policy ``balanced`` (the default) keeps the work in flight split into two halves when the
 model is saturated. Clients that each wait for their answer before sending again (a fixed
 pool of workers, the benchmark's closed loop) otherwise settle into whatever split the
@@ -60,6 +64,7 @@ class _Request:
     image: np.ndarray
     k: int
     future: asyncio.Future[Result]
+    queued_at: float  # loop.time()
 
 
 BatchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -107,6 +112,7 @@ class MicroBatcher:
         thread_init: Callable[[], None] | None = None,
         policy: str = "balanced",
         streams: int = 2,
+        max_queue_ms: float = 0.0,
     ) -> None:
         if policy not in BATCH_POLICIES:
             raise ValueError(f"unknown batch policy {policy!r}; choose one of {', '.join(BATCH_POLICIES)}")
@@ -118,6 +124,9 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        # A request still queued after this long gets 503 instead of a model call (0 = no limit):
+        # the latency of an answered request is then at most this plus one model call.
+        self.max_queue_wait = max_queue_ms / 1000.0
         self._on_batch = on_batch
         self._pending: deque[_Request] = deque()
         self._in_flight: list[int] = []  # sizes of the running calls
@@ -159,8 +168,9 @@ class MicroBatcher:
             raise RuntimeError("batcher not started")
         if self.full:
             raise QueueFull(f"queue full ({self.max_queue} images waiting)")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(image, k, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._pending.append(_Request(image, k, future, loop.time()))
         async with self._changed:
             self._changed.notify_all()
         return await future
@@ -184,8 +194,21 @@ class MicroBatcher:
             limit = self._share()
         else:
             limit = batch_limit(self.policy, self.max_batch, last + len(self._pending), waited)
-        batch = [self._pending.popleft() for _ in range(min(limit, len(self._pending)))]
-        return [r for r in batch if not r.future.cancelled()]
+        now = asyncio.get_running_loop().time()
+        batch: list[_Request] = []
+        while self._pending and len(batch) < limit:
+            r = self._pending.popleft()
+            if r.future.cancelled():
+                continue
+            waited = now - r.queued_at
+            if 0 < self.max_queue_wait < waited:  # FIFO: the oldest come first, so the batch fills with fresh ones
+                limit_ms = self.max_queue_wait * 1000
+                r.future.set_exception(
+                    QueueFull(f"waited {waited * 1000:.0f} ms in the queue (limit {limit_ms:.0f} ms)")
+                )
+                continue
+            batch.append(r)
+        return batch
 
     async def _collect(self, last: int) -> list[_Request]:
         assert self._changed is not None

@@ -36,6 +36,12 @@ class ServiceSettings(Settings):
         description="Extra wait for a fuller batch; 0 = take whatever is queued (no added latency).",
     )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
+    max_queue_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="A request still queued after this many ms gets 503 instead of a model call, so an "
+        "answered request takes at most this plus one model call; 0 = no time limit.",
+    )
     batch_policy: Literal["balanced", "greedy"] = Field(
         "balanced",
         description="balanced: under saturation, split the requests in flight into two batches of "

@@ -4,6 +4,30 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Model-call seconds: fine enough between 0.1 and 1 s (batches of 8-32 on a CPU) for the
+# benchmark to bound a queued request's latency by the longest call.
+CALL_SECONDS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.8,
+    1,
+    1.5,
+    2.5,
+    5,
+    10,
+)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -32,6 +56,7 @@ class Metrics:
             "imgsim_batch_seconds",
             "Forward pass + search time per batch.",
             ["model"],
+            buckets=CALL_SECONDS_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge("imgsim_queue_depth", "Images waiting per model.", ["model"], registry=self.registry)

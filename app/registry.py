@@ -101,6 +101,7 @@ class ModelRegistry:
             thread_init=partial(_set_faiss_threads, s.faiss_threads),
             policy=s.batch_policy,
             streams=s.model_streams,
+            max_queue_ms=s.max_queue_ms,
         )
         self.models[name] = loaded
         if self._active is None:

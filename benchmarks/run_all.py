@@ -152,9 +152,10 @@ def _level(svc: dict[str, Any], c: int) -> dict[str, Any] | None:
 def queue_bound_ms(
     bare: dict[str, Any], settings: dict[str, Any], level: dict[str, Any], fixed_ms: float, search_ms: float = 0.0
 ) -> tuple[float | None, str]:
-    """Longest an admitted request should take, from the queue limit, and how it was computed.
+    """Longest an admitted request should take, from the queue limits, and how it was computed.
 
-    Ahead of a newly admitted request: at most ``max_batch`` images in the running model
+    With a time limit (``max_queue_ms``): that limit, plus the longest model call of the
+    level, plus the answers and the fixed cost below. Otherwise, from the count: ahead of a newly admitted request: at most ``max_batch`` images in the running model
     call(s) and ``max_queue - 1`` queued, so it is answered once ``max_batch + max_queue``
     images have gone through the model (its own included), plus the per-request cost
     outside the model (HTTP, parsing, decode), taken as the c=1 median latency (which also
@@ -165,6 +166,21 @@ def queue_bound_ms(
     batch-``max_batch`` forward (+ FAISS) when the level has no answers.
     """
     b, q = settings["max_batch_size"], settings["max_queue"]
+    # The event loop answers a finished batch one request after the other: the last answer
+    # waits for the loop's work on the whole batch (measured loop CPU per request, this level).
+    loop_ms = (level.get("cpu_ms_per_request") or {}).get("event_loop") or 0.0
+    drain = b * loop_ms
+    drain_how = f"{drain:.0f} ms (loop answers a batch: {b} x {loop_ms:.2f} ms) + {fixed_ms:.0f} ms (c=1 p50)"
+    wait_limit = settings.get("max_queue_ms") or 0.0
+    longest = (level.get("server") or {}).get("longest_call_ms_at_most")
+    if wait_limit and longest:
+        # IMGSIM_MAX_QUEUE_MS: no request starts its model call after waiting longer (the
+        # batcher refuses it with 503), so it is answered within that wait plus one call.
+        return (
+            wait_limit + longest + drain + fixed_ms,
+            f"{wait_limit:.0f} ms (IMGSIM_MAX_QUEUE_MS, the longest a request may wait) + {longest:.0f} ms "
+            f"(longest model call of this level, upper edge of its histogram bucket) + {drain_how}",
+        )
     rate = level.get("ok_per_s")
     if rate:
         per_image, how = 1000.0 / rate, f"{1000.0 / rate:.2f} ms/image = 1 / this level's {rate:.1f} answers/s"
@@ -174,15 +190,7 @@ def queue_bound_ms(
             return None, "no batch time"
         per_image, how = (t0 + search_ms) / b, f"bare batch-{b} forward + FAISS"
     work = (b + q) * per_image
-    # The event loop answers a finished batch one request after the other: the last answer
-    # waits for the loop's work on the whole batch (measured loop CPU per request, this level).
-    loop_ms = (level.get("cpu_ms_per_request") or {}).get("event_loop") or 0.0
-    drain = b * loop_ms
-    return (
-        work + drain + fixed_ms,
-        f"({b} in the model + {q} queued) x {how} = {work:.0f} ms + {drain:.0f} ms (loop answers a batch: "
-        f"{b} x {loop_ms:.2f} ms) + {fixed_ms:.0f} ms (c=1 p50)",
-    )
+    return work + drain + fixed_ms, f"({b} in the model + {q} queued) x {how} = {work:.0f} ms + {drain_how}"
 
 
 def _verdict(ok: bool | None) -> str:
@@ -312,7 +320,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "ratio": round(p99 / bound, 3) if bound and p99 else None,
                     "limit": "<= 1",
                     "verdict": _verdict(ok) if bound is not None or not errors_ok else "n/a",
-                    "note": f"queue {settings['max_queue']}, max batch {settings['max_batch_size']}: bound = {how}",
+                    "note": f"queue {settings['max_queue']}"
+                    + (f" images / {settings['max_queue_ms']:.0f} ms" if settings.get("max_queue_ms") else "")
+                    + f", max batch {settings['max_batch_size']}: bound = {how}",
                 }
             )
     for ix in indexers:
@@ -795,6 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="service: rerun c=64 with this IMGSIM_MAX_QUEUE to provoke 503s; 0 = off (default %(default)s)",
     )
     p.add_argument(
+        "--overload-queue-ms",
+        type=float,
+        default=250.0,
+        help="service: and with this IMGSIM_MAX_QUEUE_MS, the queue's time limit; 0 = none (default %(default)s)",
+    )
+    p.add_argument(
         "--client",
         choices=("httpx", "raw"),
         default="raw",
@@ -907,6 +923,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     str(args.requests),
                     "--overload-queue",
                     str(args.overload_queue),
+                    "--overload-queue-ms",
+                    str(args.overload_queue_ms),
                     "--client",
                     args.client,
                     *[a for kv in args.service_env for a in ("--env", kv)],

@@ -2,7 +2,7 @@
 
 Starts ``imgsim serve --model M --index I --host 127.0.0.1 --port P`` as a subprocess, waits
 for /readyz, then (in this process: one event loop, one httpx.AsyncClient with one keep-alive
-connection per worker, multipart bodies encoded up front) sends ``POST /v1/search`` with real JPEGs in a closed
+connection per worker, bodies encoded up front) sends ``POST /v1/search`` with real JPEGs in a closed
 loop at each concurrency level: C workers, each sending its next request as soon as the
 previous one answered, until ``--requests`` were sent or ``--max-seconds`` passed.
 
@@ -11,10 +11,11 @@ client-side errors, the mean micro-batch size and the model's busy time (from th
 service's /metrics), and CPU seconds used by the service and by this client (which shares
 the machine with the service). After all levels: the service's resident memory.
 
-``--overload-queue N`` then restarts the service with IMGSIM_MAX_QUEUE=N and runs the last
-(highest) level again, so that the queue limit is actually hit: only 503s may appear
-(workers pause ``--retry-sleep`` after one, like a client honouring Retry-After), and the
-p99 of the admitted requests is bounded by the queue.
+``--overload-queue N`` then restarts the service with IMGSIM_MAX_QUEUE=N (and, with
+``--overload-queue-ms MS``, IMGSIM_MAX_QUEUE_MS=MS) and runs the last (highest) level again,
+so that the queue limits are actually hit: only 503s may appear (workers pause
+``--retry-sleep`` after one, like a client honouring Retry-After), and the p99 of the
+admitted requests is bounded by the queue.
 
 Only 127.0.0.1 is ever contacted. The service is always stopped at the end.
 
@@ -247,21 +248,22 @@ WANTED = (
 )
 
 
-_BATCH_BUCKET = re.compile(r'^imgsim_batch_size_bucket\{[^}]*le="([0-9.+Inf]+)"[^}]*\}\s+([0-9.eE+-]+)$')
+_BUCKET = re.compile(r'^imgsim_batch_(size|seconds)_bucket\{[^}]*le="([0-9.+Inf]+)"[^}]*\}\s+([0-9.eE+-]+)$')
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sum of each wanted series over its labels; batch-size buckets as ``batch_le:<bound>``."""
+    """Sum of each wanted series over its labels; buckets of batch sizes as ``batch_le:<bound>``,
+    of model-call seconds as ``call_le:<bound>``."""
     out = dict.fromkeys(WANTED, 0.0)
     for line in text.splitlines():
         m = _METRIC.match(line)
         if m and m.group(1) in out and m.group(2) != "NaN":
             out[m.group(1)] += float(m.group(2))
             continue
-        b = _BATCH_BUCKET.match(line)
+        b = _BUCKET.match(line)
         if b:
-            key = f"batch_le:{b.group(1)}"
-            out[key] = out.get(key, 0.0) + float(b.group(2))
+            key = f"{'batch' if b.group(1) == 'size' else 'call'}_le:{b.group(2)}"
+            out[key] = out.get(key, 0.0) + float(b.group(3))
     return out
 
 
@@ -283,6 +285,15 @@ def batch_histogram(m0: dict[str, float], m1: dict[str, float]) -> dict[str, int
     return out
 
 
+def longest_call_ms(m0: dict[str, float], m1: dict[str, float]) -> float | None:
+    """Upper edge of the histogram bucket holding the longest model call between two scrapes."""
+    buckets = sorted((float(k.split(":")[1]), m1[k] - m0.get(k, 0.0)) for k in m1 if k.startswith("call_le:"))
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    edge = next(edge for edge, calls in buckets if calls >= buckets[-1][1])  # the first that holds every call
+    return None if edge == float("inf") else edge * 1000
+
+
 async def get_metrics(client: Any, url: str) -> dict[str, float]:
     try:
         r = await client.get(f"{url}/metrics")
@@ -292,6 +303,12 @@ async def get_metrics(client: Any, url: str) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- load
+
+
+UPLOADS = {
+    "multipart": "multipart bodies encoded once up front",
+    "raw": "raw JPEG bodies (Content-Type: image/jpeg, k in the query)",
+}
 
 
 def multipart(jpeg: bytes, filename: str, fields: dict[str, str]) -> tuple[bytes, str]:
@@ -547,6 +564,7 @@ async def run_level(
             "model_ms_per_image": round(1000 * busy / images, 3) if images else None,
             "rejected": int(m1["imgsim_rejected_total"] - m0["imgsim_rejected_total"]),
             "batch_sizes": batch_histogram(m0, m1),
+            "longest_call_ms_at_most": longest_call_ms(m0, m1),
         }
         n_req = m1["imgsim_request_seconds_count"] - m0["imgsim_request_seconds_count"]
         if n_req > 0:
@@ -585,6 +603,8 @@ def effective_settings(env: dict[str, str]) -> dict[str, Any]:
             "max_batch_size": s.max_batch_size,
             "max_wait_ms": s.max_wait_ms,
             "max_queue": s.max_queue,
+            "max_queue_ms": s.max_queue_ms,
+            "model_streams": s.model_streams,
             "faiss_threads": s.faiss_threads,
         }
     finally:
@@ -649,8 +669,12 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(kv.split("=", 1) for kv in args.env)
     manifest = read_manifest(args.model)
     images = load_jpegs(args.images, args.n_images, args.data)
-    fields = {"k": str(args.k)}
-    payloads = [multipart(data, Path(name).name, fields) for name, data in images]
+    if args.upload == "raw":  # the image as the body, k in the query
+        payloads = [(data, "image/jpeg") for _, data in images]
+        target = f"{args.endpoint}?k={args.k}"
+    else:
+        payloads = [multipart(data, Path(name).name, {"k": str(args.k)}) for name, data in images]
+        target = args.endpoint
     levels = parse_int_list(args.concurrency)
     port = args.port or free_port()
     loop = new_loop()
@@ -671,7 +695,8 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
         "client": {
             "process": "separate (this one), sharing the machine's CPUs with the service",
             "event_loop": type(loop).__module__.split(".")[0],
-            "http": f"{http}; multipart bodies encoded once up front",
+            "http": f"{http}; {UPLOADS[args.upload]}",
+            "upload": args.upload,
             "kind": args.client,
             "requests_per_level": args.requests,
             "max_seconds_per_level": args.max_seconds,
@@ -688,7 +713,7 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
         r = loop.run_until_complete(
             run_level(
                 svc.url,
-                args.endpoint,
+                target,
                 payloads,
                 c,
                 max(requests or args.requests, 2 * c),
@@ -729,7 +754,10 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
             if args.overload_queue:
                 c = max(levels)
                 env2 = {**env, "IMGSIM_MAX_QUEUE": str(args.overload_queue)}
-                log(f"overload: restarting with IMGSIM_MAX_QUEUE={args.overload_queue}, concurrency {c}")
+                if args.overload_queue_ms:
+                    env2["IMGSIM_MAX_QUEUE_MS"] = str(args.overload_queue_ms)
+                limits = ", ".join(f"{k}={v}" for k, v in env2.items() if k.startswith("IMGSIM_MAX_QUEUE"))
+                log(f"overload: restarting with {limits}, concurrency {c}")
                 log_path = Path(tmp) / "service-overload.log"
                 with Service(args.model, args.index, port, env2, log_path, args.startup_timeout) as svc:
                     r = level(svc, c)
@@ -790,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (default %(default)s)")
     p.add_argument("--endpoint", default="/v1/search", help="default %(default)s")
     p.add_argument(
+        "--upload",
+        choices=tuple(UPLOADS),
+        default="multipart",
+        help="how the JPEG is sent: multipart field 'file' (as the web page and curl -F do), or as the raw "
+        "body with k in the query (default %(default)s)",
+    )
+    p.add_argument(
         "--client",
         choices=("httpx", "raw"),
         default="raw",
@@ -818,6 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="then rerun the highest level with IMGSIM_MAX_QUEUE=N to provoke 503s (0: off, default)",
+    )
+    p.add_argument(
+        "--overload-queue-ms",
+        type=float,
+        default=0.0,
+        help="and with IMGSIM_MAX_QUEUE_MS=MS, the queue's time limit (0: none, default)",
     )
     p.add_argument(
         "--retry-sleep", type=float, default=0.1, help="a worker's pause after a 503, s (default %(default)s)"

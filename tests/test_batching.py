@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from app.batching import MIN_HALF, MicroBatcher, batch_limit
+from app.batching import MIN_HALF, MicroBatcher, QueueFull, batch_limit
 
 
 def test_batch_limit() -> None:
@@ -98,3 +98,40 @@ def test_two_streams_share_the_max_batch_budget() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown batch policy 'fifo'"):
         MicroBatcher(lambda images, k: None, policy="fifo")  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> None:
+    """With max_queue_ms, no request starts its model call after waiting longer than that: it
+    gets QueueFull (503) instead, so an answered request takes at most the limit plus one call."""
+    call_s, limit_ms = 0.05, 30.0
+    ran: list[int] = []  # images per model call
+
+    def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        n = len(images)
+        ran.append(n)
+        time.sleep(call_s)
+        return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+
+    async def main() -> tuple[list[float], int]:
+        # One image per call: 12 requests at once need 12 x 50 ms / streams, far past 30 ms.
+        batcher = MicroBatcher(run_batch, max_batch=streams, policy="greedy", streams=streams, max_queue_ms=limit_ms)
+        batcher.start()
+
+        async def one() -> float | None:
+            t = time.perf_counter()
+            try:
+                await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1)
+            except QueueFull as exc:
+                assert "in the queue (limit 30 ms)" in str(exc)
+                return None
+            return time.perf_counter() - t
+
+        out = await asyncio.gather(*(one() for _ in range(12)))
+        await batcher.stop()
+        return [x for x in out if x is not None], out.count(None)
+
+    answered, refused = asyncio.run(main())
+    assert answered and refused  # some ran, the rest were refused rather than kept waiting
+    assert len(answered) == sum(ran) <= 2 * streams  # the first wave, and those that started within the limit
+    assert max(answered) < limit_ms / 1000 + call_s + 0.04  # the limit plus one call (+ scheduling slack)

@@ -47,3 +47,19 @@ def test_queue_bound_counts_the_images_that_can_be_ahead() -> None:
     assert "32 in the model + 32 queued" in how
     bigger, _ = queue_bound_ms({}, {**settings, "max_queue": 256}, level, fixed_ms=20.0)
     assert bigger == 288 * 1000 / 80 + 32 + 20.0  # the bound grows with the queue limit
+
+
+def test_queue_time_limit_bounds_by_the_limit_plus_one_call() -> None:
+    """With IMGSIM_MAX_QUEUE_MS the bound is that wait + the longest model call, not the count."""
+    settings = {"max_batch_size": 32, "max_queue": 32, "max_queue_ms": 250.0}
+    level = {
+        "ok_per_s": 80.0,
+        "cpu_ms_per_request": {"event_loop": 1.0},
+        "server": {"longest_call_ms_at_most": 500.0},
+    }
+    bound, how = queue_bound_ms({}, settings, level, fixed_ms=20.0)
+    assert bound == 250.0 + 500.0 + 32 * 1.0 + 20.0
+    assert "IMGSIM_MAX_QUEUE_MS" in how
+    # Without the call histogram (an old service) it falls back to the count.
+    del level["server"]
+    assert queue_bound_ms({}, settings, level, fixed_ms=20.0)[0] == 64 * 1000 / 80 + 32 + 20.0

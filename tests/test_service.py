@@ -155,6 +155,28 @@ def test_search_k_and_model(active_a: TestClient) -> None:
     # k above the index size (30 items) returns what there is, never padding ids.
     r = active_a.post("/v1/search", files=upload(png()), data={"k": "100"})
     assert r.status_code == 200 and len(r.json()["results"]) == 30
+    # Query parameters work with a multipart upload too; a form field wins over the query.
+    r = active_a.post("/v1/search", files=upload(png()), data={"k": "2"}, params={"k": "4", "model": "b"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2 and r.json()["model"] == "b"
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/classify", "/v1/analyze"])
+def test_raw_body_upload_answers_like_multipart(active_a: TestClient, path: str) -> None:
+    """curl --data-binary @q.jpg -H 'Content-Type: image/jpeg' '.../v1/search?k=3&model=b'"""
+    jpeg = encode(noisy(size=48), "JPEG", quality=90)
+    params = {"model": "b"} if path == "/v1/classify" else {"k": "3", "model": "b"}
+    form = {k: v for k, v in params.items()}
+    raw = active_a.post(path, content=jpeg, headers={"content-type": "image/jpeg"}, params=params)
+    multipart = active_a.post(path, files=upload(jpeg, "q.jpg", "image/jpeg"), data=form)
+    assert raw.status_code == multipart.status_code == 200, (raw.text, multipart.text)
+    a, b = raw.json(), multipart.json()
+    assert a["model"] == b["model"] == "b"
+    for key in ("results", "prediction"):
+        assert a.get(key) == b.get(key)
+    if path != "/v1/classify":
+        assert len(a["results"]) == 3
+    # A body in an unsupported format, with the right content type, is still refused by its bytes.
+    assert_error(active_a.post(path, content=b"%PDF-1.4\n", headers={"content-type": "image/jpeg"}), 415)
 
 
 def test_classify(active_a: TestClient) -> None:
@@ -345,8 +367,10 @@ def test_parameter_errors(active_a: TestClient) -> None:
     for path in ("/v1/search", "/v1/classify", "/v1/analyze"):
         detail = assert_error(c.post(path, files=upload(png()), data={"model": "resnet9000"}), 404, "resnet9000")
         assert "loaded: a, b" in detail
-        assert_error(c.post(path, data={"k": "5"}), 422, "file")
-        assert_error(c.post(path, json={"file": "cat.jpg"}), 422, "file")
+        # A form without the image, or a body that is no image, says how to send one.
+        assert_error(c.post(path, data={"k": "5"}), 415, "url-encoded", "-F file=@", "--data-binary")
+        assert_error(c.post(path, files={"k": (None, "5")}), 422, "missing the image", "'file'")
+        assert_error(c.post(path, json={"file": "cat.jpg"}), 415, "application/json")
     assert c.get("/v1/search").status_code == 405
     assert c.get("/v1/nothing-here").status_code == 404
     assert_error(c.put("/v1/models/active", json={}), 422, "name")
@@ -367,7 +391,8 @@ def test_no_request_gives_a_server_error(active_a: TestClient) -> None:
             c.post("/v1/search", content=b"--x\r\n\r\n", headers={"content-type": "multipart/form-data; boundary=x"}),
             400,
         ),
-        "raw body, no form": (c.post("/v1/search", content=png(), headers={"content-type": "image/png"}), 422),
+        "raw body, empty": (c.post("/v1/search", content=b"", headers={"content-type": "image/png"}), 422),
+        "raw body, no content type": (c.post("/v1/search", content=b"just text"), 415),
         "PNG signature only": (c.post("/v1/search", files=upload(b"\x89PNG\r\n\x1a\n")), 422),
         "GIF signature only": (c.post("/v1/search", files=upload(b"GIF89a", "q.gif", "image/gif")), 422),
         "WebP header only": (c.post("/v1/search", files=upload(b"RIFF\x00\x00\x00\x00WEBPVP8 ")), 422),
@@ -409,6 +434,11 @@ def test_upload_size_limit(strict: TestClient) -> None:
     big = png(noisy(size=200))
     assert len(big) > 2000 + 64 * 1024
     assert_error(strict.post("/v1/classify", files=upload(big)), 413, "2000-byte limit")
+    # The same limits for a raw-body upload.
+    raw = {"content-type": "image/png"}
+    assert strict.post("/v1/search", content=small, headers=raw).status_code == 200
+    assert_error(strict.post("/v1/search", content=noise, headers=raw), 413, "2000-byte limit")
+    assert_error(strict.post("/v1/search", content=big, headers=raw), 413, "2000-byte limit")
     # Few bytes, too many pixels for this app's IMGSIM_MAX_IMAGE_PIXELS.
     wide = png(Image.new("RGB", (200, 200), RED))
     assert len(wide) < 2000

@@ -6,7 +6,6 @@ downloads, about 20 s); later runs reuse them.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 
