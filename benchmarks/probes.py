@@ -22,12 +22,16 @@ drifts by several per cent over minutes, so one A-then-B pair proves little):
     python -m benchmarks.probes streams --model runs/resnet50-cifar10 --rounds 3 --seconds 4
     python -m benchmarks.probes search-cold --model runs/vgg16-cifar10 --index indexes/vgg16-cifar10-hnsw
     python -m benchmarks.probes app-overhead
+    python -m benchmarks.probes idle-wake --model runs/resnet50-cifar10 --rounds 3
 
 * ``search-cold``: one FAISS search (k=10, 1 OpenMP thread) back to back, then right after a
   batch-1 forward pass, as every search at concurrency 1 runs in the service.
 * ``app-overhead``: the FastAPI app's own time for one multipart ``POST /v1/search``, in
   process, with a stub model that answers at once (no TensorFlow, no HTTP server), and
-  where that time goes (cProfile, cumulative).
+  where that time goes (cProfile, cumulative). Also for the same image sent as the raw body.
+* ``idle-wake``: JPEG decoding (real CIFAR-10 JPEGs, ``--data``) and the batch-1 forward, each
+  back to back, then after a sleep (``--gap-ms``): at concurrency 1 the service is idle for
+  the client's round trip between requests, and the reference (back to back) never is.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import quiet_tensorflow, threaded_rate
+from benchmarks.common import DEFAULT_DATA, load_jpegs, quiet_tensorflow, threaded_rate
 
 
 def _burner(burst_ms: float, period_ms: float, stop: threading.Event, burned: list[float]) -> None:
@@ -182,6 +186,40 @@ def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
     )
 
 
+def idle_wake(embedder, jpegs: list[bytes], rounds: int, gap_ms: float) -> None:  # noqa: ANN001
+    from models.datasets import decode_image
+
+    size = embedder.input_size
+    x = np.random.default_rng(0).integers(0, 255, (1, size, size, 3), dtype=np.uint8)
+
+    def median_us(fn, n: int, gap: float) -> float:  # noqa: ANN001
+        out = []
+        for i in range(n):
+            if gap:
+                time.sleep(gap)
+            t = time.perf_counter()
+            fn(i)
+            out.append(time.perf_counter() - t)
+        return statistics.median(out) * 1e6
+
+    def decode(i: int) -> None:
+        decode_image(jpegs[i % len(jpegs)], size)
+
+    def forward(i: int) -> None:
+        embedder(x)
+
+    gap = gap_ms / 1000
+    for r in range(rounds):
+        d_hot, d_idle = median_us(decode, 300, 0.0), median_us(decode, 150, gap)
+        f_hot, f_idle = median_us(forward, 100, 0.0) / 1000, median_us(forward, 100, gap) / 1000
+        print(
+            f"round {r + 1}: decode {d_hot:.0f} us back to back, {d_idle:.0f} us after {gap_ms:g} ms idle; "
+            f"batch-1 forward {f_hot:.2f} ms back to back, {f_idle:.2f} ms after {gap_ms:g} ms idle "
+            f"({f_idle / f_hot - 1:+.1%})",
+            flush=True,
+        )
+
+
 def app_overhead(requests: int, rounds: int) -> None:
     """The app's time per search request with a stub model: routing, multipart, decode, response."""
     import asyncio
@@ -282,7 +320,9 @@ def app_overhead(requests: int, rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("contention", "batch-mix", "freeze", "streams", "search-cold", "app-overhead"))
+    p.add_argument(
+        "probe", choices=("contention", "batch-mix", "freeze", "streams", "search-cold", "app-overhead", "idle-wake")
+    )
     p.add_argument("--model", type=Path, help="MODEL_DIR (every probe but app-overhead)")
     p.add_argument("--index", type=Path, help="search-cold: INDEX_DIR")
     p.add_argument("--requests", type=int, default=2000, help="app-overhead: per round (default %(default)s)")
@@ -291,6 +331,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternations (default %(default)s)")
     p.add_argument("--burst-ms", type=float, default=1.0, help="contention: CPU burst (default %(default)s)")
     p.add_argument("--period-ms", type=float, default=17.0, help="contention: one burst per (default %(default)s)")
+    p.add_argument(
+        "--gap-ms", type=float, default=10.0, help="idle-wake: idle time before each call (default %(default)s)"
+    )
+    p.add_argument("--data", default=DEFAULT_DATA, help="idle-wake: CIFAR-10 JPEG archive (default %(default)s)")
     args = p.parse_args()
     if args.probe == "app-overhead":
         app_overhead(args.requests, args.rounds)
@@ -306,6 +350,8 @@ def main() -> None:
     embedder = Embedder(load_trained(args.model))
     if args.probe == "streams":
         streams(embedder, args.seconds, args.rounds)
+    elif args.probe == "idle-wake":
+        idle_wake(embedder, [data for _, data in load_jpegs("cifar", 64, args.data)], args.rounds, args.gap_ms)
     elif args.probe == "search-cold":
         search_cold(embedder, args.index, args.rounds)
     elif args.probe == "contention":
