@@ -115,14 +115,13 @@ async def _upload(request: Request, k: int | None, model: str | None, with_k: bo
         fields = _validate_fields(k, model)
         return Upload(fields.k, fields.model, media_type, request.stream)
     form = await request.form()  # Starlette answers 400 for a malformed body
-    file = form.get("file")
-    if not isinstance(file, StarletteUploadFile):
-        await form.close()
-        raise HTTPException(422, f"missing the image: {HOW_TO_SEND}")
     try:
+        file = form.get("file")
+        if not isinstance(file, StarletteUploadFile):
+            raise HTTPException(422, f"missing the image: {HOW_TO_SEND}")
         fields = _validate_fields(form.get("k", k) if with_k else None, form.get("model", model))
-    except RequestValidationError:
-        await form.close()
+    except Exception:
+        await form.close()  # on success, _run closes it once the image is read
         raise
 
     async def file_chunks() -> AsyncIterator[bytes]:
