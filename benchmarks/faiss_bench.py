@@ -41,7 +41,7 @@ from benchmarks.common import log, parse_size, summarise, write_json
 
 HNSW_PARAMS = {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64}  # `imgsim index` defaults
 IVF_PARAMS = {"nlist": 256, "nprobe": 16}
-PARAMS = {"flat": {}, "hnsw": HNSW_PARAMS, "ivf": IVF_PARAMS}
+PARAMS = {"flat": {}, "hnsw": HNSW_PARAMS, "hnsw-fp16": HNSW_PARAMS, "ivf": IVF_PARAMS}
 CHUNK = 50_000
 
 
@@ -119,12 +119,12 @@ def bench_size(
     hnsw_seconds = None
     all_threads = max(threads)
     for kind_ in types:
-        if kind_ == "hnsw" and hnsw_estimate is not None and hnsw_estimate > hnsw_max_seconds:
+        if kind_.startswith("hnsw") and hnsw_estimate is not None and hnsw_estimate > hnsw_max_seconds:
             result["types"][kind_] = {
                 "skipped": f"build estimated at {hnsw_estimate:.0f} s from the previous size (n log n), "
                 f"over --hnsw-max-seconds {hnsw_max_seconds:.0f}"
             }
-            log(f"  hnsw: skipped (estimated build {hnsw_estimate:.0f} s > {hnsw_max_seconds:.0f} s)")
+            log(f"  {kind_}: skipped (estimated build {hnsw_estimate:.0f} s > {hnsw_max_seconds:.0f} s)")
             continue
         faiss.omp_set_num_threads(all_threads)
         t0 = time.perf_counter()
@@ -178,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.faiss_bench",
         description="FAISS build time, search latency (1 and 32 queries, 1 thread vs all cores) and "
-        "recall@5 against flat, for the product's flat/hnsw/ivf indexes on random unit vectors.",
+        "recall@5 against flat, for the product's flat/hnsw/hnsw-fp16/ivf indexes on random unit vectors.",
     )
     p.add_argument("--sizes", default="10k,100k,1M", help="comma-separated, k/M suffixes (default %(default)s)")
     p.add_argument("--dim", type=int, default=1024, help="vector dimension (default %(default)s = embedding size)")
-    p.add_argument("--types", default="flat,hnsw,ivf", help="index types (default %(default)s)")
+    p.add_argument("--types", default="flat,hnsw,ivf", help=f"index types, of {','.join(PARAMS)} (default %(default)s)")
     p.add_argument("--data", choices=("clustered", "uniform"), default="clustered", help="default %(default)s")
     p.add_argument("--clusters", type=int, default=1000, help="blobs for --data clustered (default %(default)s)")
     p.add_argument("--spread", type=float, default=1.0, help="blob noise / centre norm (default %(default)s)")
@@ -205,13 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import faiss
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quick:
         args.sizes = "2k,10k" if args.sizes == "10k,100k,1M" else args.sizes
         args.queries = min(args.queries, 50)
         args.budget = min(args.budget, 1.0)
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     types = [t.strip() for t in args.types.split(",") if t.strip()]
+    if unknown := [t for t in types if t not in PARAMS]:
+        parser.error(f"unknown index type {', '.join(unknown)}; choose from {', '.join(PARAMS)}")
     if "flat" in types:  # flat first: it is the ground truth for recall
         types = ["flat", *[t for t in types if t != "flat"]]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -14,7 +14,8 @@ drifts by several per cent over minutes, so one A-then-B pair proves little):
 * ``freeze``: ms per image at batch 1, 8, 16 and 32 for the Keras variables graph and the
   frozen graph (weights as constants; ``IMGSIM_FREEZE_GRAPH``), alternating.
 * ``streams``: ms per image of one call at batch 8, 16 and 32, against two threads each
-  calling at batch 8 or 16 at once (the service's two model streams), alternating.
+  calling at batch 8 or 16 at once (the service's two model streams), alternating; and the
+  cores each case keeps busy (process CPU time / wall time) with its CPU ms per image.
 
     python -m benchmarks.probes contention --model runs/resnet50-cifar10
     python -m benchmarks.probes batch-mix --model runs/resnet50-cifar10
@@ -25,7 +26,8 @@ drifts by several per cent over minutes, so one A-then-B pair proves little):
     python -m benchmarks.probes idle-wake --model runs/resnet50-cifar10 --rounds 3
 
 * ``search-cold``: one FAISS search (k=10, 1 OpenMP thread) back to back, then right after a
-  batch-1 forward pass, as every search at concurrency 1 runs in the service.
+  batch-1 forward pass, as every search at concurrency 1 runs in the service; for an HNSW
+  index, the same for a float16 copy of it, with both copies' recall@10 against exact search.
 * ``app-overhead``: the FastAPI app's own time for one multipart ``POST /v1/search``, in
   process, with a stub model that answers at once (no TensorFlow, no HTTP server), and
   where that time goes (cProfile, cumulative). Also for the same image sent as the raw body.
@@ -144,45 +146,90 @@ def freeze(model_dir: Path, seconds: float, rounds: int) -> None:
 
 
 def streams(embedder, seconds: float, rounds: int) -> None:  # noqa: ANN001
+    """Also the CPU each case keeps busy: whatever a bare call shape leaves idle, the service
+    cannot use for the model either (the c=16 budget in docs/performance.md)."""
     size = embedder.input_size
     imgs = np.random.default_rng(0).integers(0, 255, (32, size, size, 3), dtype=np.uint8)
     cases = [("1 call  b8", 1, 8), ("2 calls b8", 2, 8), ("1 call  b16", 1, 16), ("2 calls b16", 2, 16)]
     cases.append(("1 call  b32", 1, 32))
     for r in range(rounds):
-        ms = {label: _ms_per_image([embedder] * n, imgs[:b], seconds) for label, n, b in cases}
+        ms, cpu = {}, {}
+        for label, n, b in cases:
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            ms[label] = _ms_per_image([embedder] * n, imgs[:b], seconds)
+            cpu[label] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)  # cores busy
         b32 = ms["1 call  b32"]
         print(
             f"round {r + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in ms.items()) + " ms/img; "
             "throughput vs 1 call b32: " + "  ".join(f"{k.strip()} {b32 / v:.3f}" for k, v in ms.items() if v != b32),
             flush=True,
         )
+        print(
+            f"round {r + 1}: cores busy "
+            + "  ".join(f"{k.strip()} {c:.2f}" for k, c in cpu.items())
+            + "; CPU ms/img "
+            + "  ".join(f"{k.strip()} {cpu[k] * v:.2f}" for k, v in ms.items()),
+            flush=True,
+        )
 
 
 def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
+    """For an HNSW index, also a float16 copy of it: the search reads the vectors it visits
+    from DRAM after a forward pass, and half the bytes should show."""
     import faiss
 
-    from indexer.store import IndexStore
+    from indexer.store import IndexStore, all_vectors
 
     store = IndexStore.open(index_dir)
     faiss.omp_set_num_threads(1)
     size = embedder.input_size
     imgs = np.random.default_rng(0).integers(0, 255, (64, 1, size, size, 3), dtype=np.uint8)
     embs = [embedder(im)[0] for im in imgs]
-    warm, cold = [], []
-    for _ in range(rounds):
-        for e in embs:
-            t = time.perf_counter()
-            store.search(e, 10)
-            warm.append(time.perf_counter() - t)
-        for im, e in zip(imgs, embs):
-            embedder(im)
-            t = time.perf_counter()
-            store.search(e, 10)
-            cold.append(time.perf_counter() - t)
+
+    def warm_cold(search) -> tuple[float, float]:  # noqa: ANN001
+        warm, cold = [], []
+        for _ in range(rounds):
+            for e in embs:
+                t = time.perf_counter()
+                search(e)
+                warm.append(time.perf_counter() - t)
+            for im, e in zip(imgs, embs):
+                embedder(im)
+                t = time.perf_counter()
+                search(e)
+                cold.append(time.perf_counter() - t)
+        return statistics.median(warm) * 1000, statistics.median(cold) * 1000
+
+    warm, cold = warm_cold(lambda e: store.search(e, 10))
     print(
         f"{store.manifest.get('index_type')} index of {store.index.ntotal}: one search back to back "
-        f"{statistics.median(warm) * 1000:.3f} ms, right after a forward pass {statistics.median(cold) * 1000:.3f} ms "
-        f"(median of {len(warm)})"
+        f"{warm:.3f} ms, right after a forward pass {cold:.3f} ms (median of {rounds * len(embs)})",
+        flush=True,
+    )
+    hnsw = faiss.downcast_index(getattr(store.index, "index", store.index))
+    if not isinstance(hnsw, faiss.IndexHNSWFlat):
+        return
+    _, vectors = all_vectors(store.index)
+    half = faiss.IndexHNSWSQ(
+        vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, hnsw.hnsw.nb_neighbors(1), hnsw.metric_type
+    )
+    half.hnsw.efConstruction, half.hnsw.efSearch = hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch
+    half.train(vectors)
+    half.add(vectors)
+    queries = vectors[np.random.default_rng(0).choice(len(vectors), min(500, len(vectors)), replace=False)]
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    truth = exact.search(queries, 10)[1]
+    recall = {
+        name: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(index.search(queries, 10)[1], truth)])
+        for name, index in (("float32", hnsw), ("float16", half))
+    }
+    warm16, cold16 = warm_cold(lambda e: half.search(e, 10))
+    print(
+        f"float16 copy (IndexHNSWSQ, same M/efConstruction/efSearch; vectors {vectors.shape[1] * 2} instead of "
+        f"{vectors.shape[1] * 4} bytes): back to back {warm16:.3f} ms, right after a forward pass {cold16:.3f} ms; "
+        f"recall@10 of {len(queries)} indexed vectors against exact search: float32 {recall['float32']:.3f}, float16 {recall['float16']:.3f}",
+        flush=True,
     )
 
 

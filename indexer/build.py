@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.store import (
+    HNSW_TYPES,
     INDEX_TYPES,
     IndexStore,
     all_vectors,
@@ -429,10 +430,12 @@ def remove_ids(index_dir: Path, ids: Sequence[int]) -> dict[str, int]:
     with writing(index_dir, copy_from=index_dir) as tmp:
         updated = IndexStore.open(tmp)
         drop = np.array(sorted(present), dtype=np.int64)
-        if manifest["index_type"] == "hnsw":  # HNSW graphs cannot delete: rebuild from the stored vectors
+        if manifest["index_type"] in HNSW_TYPES:  # HNSW graphs cannot delete: rebuild from the stored vectors
             all_ids, vecs = all_vectors(updated.index)
             keep = ~np.isin(all_ids, drop)
-            index = new_faiss_index(manifest["embedding_dim"], "hnsw", manifest["index_params"], vecs[keep])
+            index = new_faiss_index(
+                manifest["embedding_dim"], manifest["index_type"], manifest["index_params"], vecs[keep]
+            )
             index.add_with_ids(vecs[keep], all_ids[keep])
             updated.index = index
         else:

@@ -185,9 +185,10 @@ def test_scores_are_dot_products_of_normalised_vectors(index_type: str) -> None:
     scores, found = index.search(l2_normalise(queries), 10)
     assert np.all(np.isin(found, ids))
     by_id = dict(zip(ids.tolist(), range(len(ids))))
+    atol = 2e-3 if index_type == "hnsw-fp16" else 1e-5  # float16 vectors: ~3 significant digits
     for q, s_row, id_row in zip(queries, scores, found):
         expected = l2_normalise(q[None]) @ l2_normalise(raw[[by_id[i] for i in id_row]]).T
-        np.testing.assert_allclose(s_row, expected[0], atol=1e-5)
+        np.testing.assert_allclose(s_row, expected[0], atol=atol)
         assert np.all(np.diff(s_row) <= 1e-6)  # best first
     if index_type == "flat":  # exact: the true top 10 by cosine
         cos = l2_normalise(queries) @ vecs.T
@@ -352,9 +353,9 @@ def test_remove_keeps_other_ids_keys_vectors_and_results(env: Env, tmp_path: Pat
 
     s_after, ids_after = _search(out, probe, 27)
     assert not np.isin(ids_after, drop).any()
-    if index_type == "hnsw":  # approximate: each probe still finds itself first
+    if index_type.startswith("hnsw"):  # approximate: each probe still finds itself first
         assert ids_after[:, 0].tolist() == [0, 10, 20]
-        np.testing.assert_allclose(s_after[:, 0], 1.0, atol=1e-5)
+        np.testing.assert_allclose(s_after[:, 0], 1.0, atol=2e-3 if index_type == "hnsw-fp16" else 1e-5)
     else:  # exact (flat; IVF with a single list on 30 items): the old ranking minus the removed ids
         for row in range(3):
             keep = ~np.isin(ids_before[row], drop)
@@ -596,6 +597,26 @@ def test_per_class_means() -> None:
     assert rows[2]["class"] == "c" and rows[2]["n_queries"] == 0 and np.isnan(rows[2]["p"])
 
 
+def test_float16_hnsw_halves_the_vectors_and_keeps_recall() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 512))
+    vecs = l2_normalise(centres[rng.integers(0, 20, 2000)] + rng.normal(size=(2000, 512)))  # clustered, like classes
+    ids = np.arange(2000, dtype=np.int64)
+    queries = l2_normalise(centres[rng.integers(0, 20, 50)] + rng.normal(size=(50, 512)))
+    exact = new_faiss_index(512, "flat", {}, vecs)
+    exact.add_with_ids(vecs, ids)
+    truth = exact.search(queries, 10)[1]
+    size, recall = {}, {}
+    for kind in ("hnsw", "hnsw-fp16"):
+        index = new_faiss_index(512, kind, {"hnsw_m": 16}, vecs)
+        index.add_with_ids(vecs, ids)
+        size[kind] = len(faiss.serialize_index(index))
+        found = index.search(queries, 10)[1]
+        recall[kind] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+    assert size["hnsw-fp16"] < 0.6 * size["hnsw"]  # 2 instead of 4 bytes per dimension; the graph is the same
+    assert recall["hnsw-fp16"] >= recall["hnsw"] - 0.02, recall
+
+
 def test_exact_recall_counts_only_real_neighbours() -> None:
     rng = np.random.default_rng(2)
     vecs = l2_normalise(rng.normal(size=(3, 8)))
@@ -668,17 +689,18 @@ def test_cli_index_add_remove_evaluate(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("index_type", ["hnsw", "hnsw-fp16"])
 def test_cli_hnsw_evaluate_reports_recall(
-    env: Env, cli_settings: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    env: Env, cli_settings: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], index_type: str
 ) -> None:
     from app.cli import main
 
     out = tmp_path / "hnsw"
     code = main(["index", "--model", str(env.model), "--data", str(env.data), "--out", str(out),
-                 "--index-type", "hnsw", "--hnsw-m", "8", "-q"])  # fmt: skip
-    assert code == 0 and "(hnsw)" in capsys.readouterr().out
+                 "--index-type", index_type, "--hnsw-m", "8", "-q"])  # fmt: skip
+    assert code == 0 and f"({index_type})" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["index_type"] == "hnsw" and manifest["index_params"]["hnsw_m"] == 8
+    assert manifest["index_type"] == index_type and manifest["index_params"]["hnsw_m"] == 8
     report = tmp_path / "eval.json"
     code = main(["evaluate", "--model", str(env.model), "--index", str(out), "--data", str(env.data),
                  "--json", str(report), "-q"])  # fmt: skip
