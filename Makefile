@@ -104,7 +104,7 @@ container-check:
 # Pairs of MODEL_DIR and INDEX_DIR, in the same order; extra options via BENCH_ARGS,
 # e.g. `make bench BENCH_ARGS=--quick` (smoke run, written to out/benchmarks-quick.md).
 BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10
-BENCH_INDEXES ?= indexes/resnet50-cifar10-hnsw indexes/vgg16-cifar10-hnsw
+BENCH_INDEXES ?= indexes/resnet50-cifar10-hnsw16 indexes/vgg16-cifar10-hnsw16
 BENCH_ARGS ?=
 .PHONY: bench
 bench: venv
