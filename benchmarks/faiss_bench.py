@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sizes", default="10k,100k,1M", help="comma-separated, k/M suffixes (default %(default)s)")
     p.add_argument("--dim", type=int, default=1024, help="vector dimension (default %(default)s = embedding size)")
-    p.add_argument("--types", default="flat,hnsw,ivf", help=f"index types, of {','.join(PARAMS)} (default %(default)s)")
+    p.add_argument(
+        "--types", default="flat,hnsw,hnsw-fp16,ivf", help=f"index types, of {','.join(PARAMS)} (default %(default)s)"
+    )
     p.add_argument("--data", choices=("clustered", "uniform"), default="clustered", help="default %(default)s")
     p.add_argument("--clusters", type=int, default=1000, help="blobs for --data clustered (default %(default)s)")
     p.add_argument("--spread", type=float, default=1.0, help="blob noise / centre norm (default %(default)s)")

@@ -773,6 +773,25 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def keep_steps(results: dict[str, Any], earlier: dict[str, Any], skipped: list[str]) -> None:
+    """Copy the skipped steps' results from an earlier run into ``results``, marked as kept.
+
+    A kept ``model`` step brings its after-service measurement (``model_after``) along:
+    without it the ratios would lose their bracket and use one side only.
+    """
+    m = earlier.get("machine", {})
+    stored = earlier.get("steps", {})
+    for step in skipped:
+        if step not in stored:
+            continue
+        results["steps"][step] = stored[step]
+        if step == "model" and "model_after" in stored:
+            results["steps"]["model_after"] = stored["model_after"]
+        results.setdefault("kept", {})[step] = earlier.get("kept", {}).get(step) or (
+            f"{m.get('date', '?')}, commit {(m.get('git', {}).get('commit') or '?')[:12]}"
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -953,14 +972,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         sizes = args.faiss_sizes if not args.quick or args.faiss_sizes != "10k,100k,1M" else "2k,10k"
         results["steps"]["faiss"] = run_step("faiss", ["--sizes", sizes, *quick], args.step_timeout)
     if args.keep:
-        earlier = json.loads(args.keep.read_text())
-        m = earlier.get("machine", {})
-        for step in args.skip:
-            if step in earlier.get("steps", {}):
-                results["steps"][step] = earlier["steps"][step]
-                results.setdefault("kept", {})[step] = earlier.get("kept", {}).get(step) or (
-                    f"{m.get('date', '?')}, commit {(m.get('git', {}).get('commit') or '?')[:12]}"
-                )
+        keep_steps(results, json.loads(args.keep.read_text()), args.skip)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["targets"] = evaluate(results)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.run_all import bracketed, queue_bound_ms
+from benchmarks.run_all import bracketed, keep_steps, queue_bound_ms
 
 
 def _bare(b1_ms: float, b8_ms: float, ref_ms: float) -> dict:
@@ -63,3 +63,15 @@ def test_queue_time_limit_bounds_by_the_limit_plus_one_call() -> None:
     # Without the call histogram (an old service) it falls back to the count.
     del level["server"]
     assert queue_bound_ms({}, settings, level, fixed_ms=20.0)[0] == 64 * 1000 / 80 + 32 + 20.0
+
+
+def test_keeping_the_model_step_keeps_both_sides_of_its_bracket() -> None:
+    earlier = {
+        "machine": {"date": "2026-11-24T23:39", "git": {"commit": "027111d3945e00"}},
+        "steps": {"model": {"side": "before"}, "model_after": {"side": "after"}, "faiss": {"sizes": []}},
+    }
+    results: dict = {"steps": {"faiss": {"sizes": [1]}}}
+    keep_steps(results, earlier, ["model", "service"])  # no service results stored: nothing to keep
+    assert results["steps"]["model"] == {"side": "before"} and results["steps"]["model_after"] == {"side": "after"}
+    assert results["steps"]["faiss"] == {"sizes": [1]} and "service" not in results["steps"]
+    assert results["kept"] == {"model": "2026-11-24T23:39, commit 027111d3945e"}
