@@ -169,8 +169,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         "nlist": args.nlist,
         "nprobe": args.nprobe,
     }
-    hnsw = ("hnsw_m", "ef_construction", "ef_search")
-    keep = {"hnsw": hnsw, "hnsw-fp16": hnsw, "ivf": ("nlist", "nprobe")}.get(args.index_type, ())
+    family = "hnsw" if args.index_type.startswith("hnsw") else args.index_type  # hnsw, hnsw-fp16: same graph
+    keep = {"hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nlist", "nprobe")}.get(family, ())
     report = build_index(
         args.model,
         args.data,

@@ -107,7 +107,7 @@ def bench_size(
 ) -> tuple[dict[str, Any], float | None]:
     import faiss
 
-    from indexer.store import l2_normalise, new_faiss_index
+    from indexer.store import HNSW_TYPES, l2_normalise, new_faiss_index
 
     t0 = time.perf_counter()
     xb = make_vectors(n, dim, kind, rng, centres, spread)
@@ -119,7 +119,7 @@ def bench_size(
     hnsw_seconds = None
     all_threads = max(threads)
     for kind_ in types:
-        if kind_.startswith("hnsw") and hnsw_estimate is not None and hnsw_estimate > hnsw_max_seconds:
+        if kind_ in HNSW_TYPES and hnsw_estimate is not None and hnsw_estimate > hnsw_max_seconds:
             result["types"][kind_] = {
                 "skipped": f"build estimated at {hnsw_estimate:.0f} s from the previous size (n log n), "
                 f"over --hnsw-max-seconds {hnsw_max_seconds:.0f}"

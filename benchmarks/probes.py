@@ -178,6 +178,7 @@ def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
     from DRAM after a forward pass, and half the bytes should show."""
     import faiss
 
+    from benchmarks.faiss_bench import recall_at_k
     from indexer.store import IndexStore, all_vectors
 
     store = IndexStore.open(index_dir)
@@ -221,8 +222,7 @@ def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
     exact.add(vectors)
     truth = exact.search(queries, 10)[1]
     recall = {
-        name: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(index.search(queries, 10)[1], truth)])
-        for name, index in (("float32", hnsw), ("float16", half))
+        name: recall_at_k(index.search(queries, 10)[1], truth) for name, index in (("float32", hnsw), ("float16", half))
     }
     warm16, cold16 = warm_cold(lambda e: half.search(e, 10))
     print(
