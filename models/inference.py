@@ -172,14 +172,20 @@ class FrozenForward:
     """
 
     def __init__(self, forward: Any) -> None:
+        import tensorflow as tf
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
         self.graph = convert_variables_to_constants_v2(forward.get_concrete_function())
+        # Called through a tf.function with the original input signature, not directly: the
+        # converted function has no structured signature, so each direct call first failed to
+        # bind, formatted the whole input tensor into an error message, discarded it and fell
+        # back to the flat signature. That took 0.45 ms at batch 1 and 2.5 ms at batch 8, with
+        # the GIL held (py-spy --gil of the service; docs/performance.md, seventh session).
+        graph = self.graph
+        self._call = tf.function(lambda x: graph(x), input_signature=forward.input_signature)
 
     def __call__(self, x: np.ndarray) -> Any:
-        import tensorflow as tf
-
-        return self.graph(tf.convert_to_tensor(x))  # a ConcreteFunction binds tensors only
+        return self._call(x)
 
 
 class Embedder:

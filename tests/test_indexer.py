@@ -245,6 +245,23 @@ def test_frozen_graph_matches_keras(env: Env) -> None:
         assert emb.shape[0] == n and probs.shape == (n, len(trained.manifest["class_names"]))
 
 
+def test_a_forward_pass_never_formats_its_input(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No call formats the batch into a string: TensorFlow did so on every call of the frozen
+    graph (a failed signature bind, caught and retried), holding the GIL for milliseconds."""
+    import tensorflow as tf
+
+    formatted = []
+    tensor_type = type(tf.constant(0.0))
+    original = tensor_type.__repr__
+    monkeypatch.setattr(tensor_type, "__repr__", lambda t: formatted.append(t.shape) or original(t))
+    trained = load_trained(env.model)
+    size = trained.manifest["input_size"]
+    imgs = np.zeros((3, size, size, 3), dtype=np.uint8)
+    for freeze in (True, False):
+        Embedder(trained, freeze=freeze)(imgs)
+    assert formatted == []
+
+
 def test_cached_and_full_model_paths_agree(env: Env, tmp_path: Path) -> None:
     report = build_index(env.model, str(env.data), tmp_path / "full", use_cache=False, settings=env.settings,
                          progress=False)  # fmt: skip
