@@ -56,7 +56,8 @@ class Result:
     scores: np.ndarray  # (k,) cosine
     ids: np.ndarray  # (k,) item ids, -1 past the end
     batch_size: int
-    infer_seconds: float
+    infer_seconds: float  # the model call this request rode in: hand-off, forward pass, search, hand-back
+    queue_seconds: float = 0.0  # from submit to the start of that call
 
 
 @dataclass
@@ -64,7 +65,7 @@ class _Request:
     image: np.ndarray
     k: int
     future: asyncio.Future[Result]
-    queued_at: float  # loop.time()
+    queued_at: float  # time.perf_counter(): uvloop's loop.time() ticks in whole milliseconds
 
 
 BatchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -170,7 +171,7 @@ class MicroBatcher:
             raise QueueFull(f"queue full ({self.max_queue} images waiting)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._pending.append(_Request(image, k, future, loop.time()))
+        self._pending.append(_Request(image, k, future, time.perf_counter()))
         async with self._changed:
             self._changed.notify_all()
         return await future
@@ -194,7 +195,7 @@ class MicroBatcher:
             limit = self._share()
         else:
             limit = batch_limit(self.policy, self.max_batch, last + len(self._pending), waited)
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()
         batch: list[_Request] = []
         while self._pending and len(batch) < limit:
             r = self._pending.popleft()
@@ -244,6 +245,7 @@ class MicroBatcher:
             last = len(batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        called_at = time.perf_counter()
         images = np.stack([r.image for r in batch])
         k = max(r.k for r in batch)
         start = time.perf_counter()
@@ -259,4 +261,5 @@ class MicroBatcher:
             self._on_batch(len(batch), took)
         for i, r in enumerate(batch):
             if not r.future.done():
-                r.future.set_result(Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took))
+                waited = called_at - r.queued_at
+                r.future.set_result(Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took, waited))

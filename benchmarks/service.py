@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -330,9 +331,10 @@ def multipart(jpeg: bytes, filename: str, fields: dict[str, str]) -> tuple[bytes
 class RawResponse:
     """Just what run_level reads from a response."""
 
-    def __init__(self, status_code: int, content: bytes) -> None:
+    def __init__(self, status_code: int, content: bytes, server_timing: str = "") -> None:
         self.status_code = status_code
         self.content = content
+        self.headers = {"server-timing": server_timing} if server_timing else {}
 
     @property
     def text(self) -> str:
@@ -380,7 +382,8 @@ class RawClient:
         body = await reader.readexactly(int(m.group(1))) if m else b""
         if re.search(rb"(?i)\r\nconnection:\s*close", head):
             await self.aclose()
-        return RawResponse(status, body)
+        timing = _SERVER_TIMING.search(head)
+        return RawResponse(status, body, timing.group(1).decode() if timing else "")
 
     async def aclose(self) -> None:
         if self._rw is not None:
@@ -392,6 +395,22 @@ class RawClient:
 
 
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+_SERVER_TIMING = re.compile(rb"(?i)\r\nserver-timing:\s*([^\r\n]*)")
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """'parse;dur=0.2, decode;dur=0.35' -> {'parse': 0.2, 'decode': 0.35} (ms); other parts are skipped."""
+    out = {}
+    for part in value.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, v = param.strip().partition("=")
+            if key == "dur" and name:
+                with contextlib.suppress(ValueError):
+                    out[name] = float(v)
+    return out
+
+
 CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.IncompleteReadError,
@@ -419,6 +438,7 @@ async def run_level(
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     ok_lat: list[float] = []
     took: list[float] = []  # the service's own "took_ms" (handler start -> response built)
+    stage_ms: dict[str, list[float]] = {}  # its Server-Timing header: where that time went
     rejected_lat: list[float] = []
     other_lat: list[float] = []
     statuses: Counter[int] = Counter()
@@ -480,6 +500,8 @@ async def run_level(
                     m = _TOOK.search(r.content)
                     if m:
                         took.append(float(m.group(1)) / 1000.0)
+                    for name, ms in parse_server_timing(r.headers.get("server-timing", "")).items():
+                        stage_ms.setdefault(name, []).append(ms)
                     if not sample:
                         try:
                             body = r.json()
@@ -535,6 +557,7 @@ async def run_level(
         "latency_ok": latency_percentiles(ok_lat),
         "latency_503": latency_percentiles(rejected_lat),
         "service_took_ms": latency_percentiles(took),
+        "server_timing_p50_ms": {name: round(statistics.median(v), 3) for name, v in stage_ms.items()},
         "ok_per_s": round(n_ok / wall, 2) if wall > 0 else 0.0,
         "answers_per_s": round(sum(statuses.values()) / wall, 2) if wall > 0 else 0.0,
         "stopped_by_time_cap": next_i < n_requests,
@@ -588,7 +611,19 @@ def level_line(r: dict[str, Any]) -> str:
         f"{r['ok_per_s']:8.1f} req/s; mean batch {srv.get('mean_batch')}; "
         f"service-side mean {srv.get('app_mean_ms')} ms, took_ms p50 {r['service_took_ms'].get('p50_ms')}; "
         f"CPU cores used: service {r['server_cpu_cores']}, client {r['client_cpu_cores']}"
-    )
+    ) + _timing_line(r)
+
+
+def _timing_line(r: dict[str, Any]) -> str:
+    """The medians of the service's Server-Timing parts, and what the client saw beyond them."""
+    stages = r.get("server_timing_p50_ms") or {}
+    if not stages:
+        return ""
+    parts = " ".join(f"{k} {v:.2f}" for k, v in stages.items())
+    beyond = ""
+    if "total" in stages and r["latency_ok"].get("n"):
+        beyond = f"; client p50 - server total p50 = {r['latency_ok']['p50_ms'] - stages['total']:.2f} ms"
+    return f"\n        server timing, p50 of each part (ms): {parts}{beyond}"
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:

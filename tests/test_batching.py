@@ -135,3 +135,25 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
     assert answered and refused  # some ran, the rest were refused rather than kept waiting
     assert len(answered) == sum(ran) <= 2 * streams  # the first wave, and those that started within the limit
     assert max(answered) < limit_ms / 1000 + call_s + 0.04  # the limit plus one call (+ scheduling slack)
+
+
+def test_result_reports_the_time_queued_and_in_the_call() -> None:
+    """What the Server-Timing header's queue and infer parts come from."""
+
+    def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        time.sleep(0.0305)
+        n = len(images)
+        return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+
+    async def main() -> list:
+        batcher = MicroBatcher(run_batch, streams=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((2, 2, 3), np.uint8), 1))
+        await asyncio.sleep(0.0102)  # the first call is running: the second request waits for it
+        results = [await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1), await first]
+        await batcher.stop()
+        return results
+
+    second, first = asyncio.run(main())
+    assert first.queue_seconds < 0.01 and 0.0305 <= first.infer_seconds < 0.1
+    assert 0.0305 - 0.0102 - 0.001 <= second.queue_seconds < 0.08

@@ -22,6 +22,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.service import parse_server_timing
+
 CLASSES = ["blue", "green", "red"]
 RED = (220, 40, 40)
 
@@ -177,6 +179,23 @@ def test_raw_body_upload_answers_like_multipart(active_a: TestClient, path: str)
         assert len(a["results"]) == 3
     # A body in an unsupported format, with the right content type, is still refused by its bytes.
     assert_error(active_a.post(path, content=b"%PDF-1.4\n", headers={"content-type": "image/jpeg"}), 415)
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/classify", "/v1/analyze"])
+def test_server_timing_header_splits_took_ms(active_a: TestClient, path: str) -> None:
+    r = active_a.post(path, files=upload(png()))
+    assert r.status_code == 200, r.text
+    ms = parse_server_timing(r.headers["server-timing"])
+    assert list(ms) == ["parse", "decode", "queue", "infer", "total"]
+    assert all(v >= 0 for v in ms.values()) and ms["infer"] > 0
+    assert ms["total"] == pytest.approx(r.json()["took_ms"], abs=0.01)
+    assert ms["parse"] + ms["decode"] + ms["queue"] + ms["infer"] <= ms["total"] + 0.01
+    assert "server-timing" not in active_a.post(path, content=b"", headers={"content-type": "image/jpeg"}).headers
+
+
+def test_server_timing_parser_skips_what_it_cannot_read() -> None:
+    value = 'a;dur=1.5, b;desc="x";dur=2, c, ;dur=3, d;dur=x'
+    assert parse_server_timing(value) == {"a": 1.5, "b": 2.0}
 
 
 def test_classify(active_a: TestClient) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
@@ -131,6 +131,34 @@ async def _upload(request: Request, k: int | None, model: str | None, with_k: bo
     return Upload(fields.k, fields.model, file.content_type or "", file_chunks, form)
 
 
+@dataclass
+class Stages:
+    """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
+
+    start: float
+    read: float = 0.0  # the upload is parsed and read
+    decoded: float = 0.0  # the image is the model's input
+
+
+def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
+    """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
+
+    parse: form parsing and reading the upload; decode: the image to the model's input;
+    queue: waiting for a model call; infer: that call (hand-off to the model's thread,
+    forward pass, search, hand-back), shared by its whole batch; total: as ``took_ms``.
+    The rest of total is the hand-back to this request; the rest of the client's latency is
+    HTTP, routing and the response.
+    """
+    ms = {
+        "parse": (stages.read - stages.start) * 1000,
+        "decode": (stages.decoded - stages.read) * 1000,
+        "queue": result.queue_seconds * 1000,
+        "infer": result.infer_seconds * 1000,
+        "total": total_ms,
+    }
+    return ", ".join(f"{name};dur={v:.3f}" for name, v in ms.items())
+
+
 def _validate_fields(k: object, model: object) -> UploadFields:
     values = {name: v for name, v in (("k", k), ("model", model)) if v is not None}
     try:
@@ -146,8 +174,8 @@ async def _run(
     registry: ModelRegistry,
     settings: ServiceSettings,
     with_k: bool = True,
-) -> tuple[LoadedModel, Result, Upload, float]:
-    start = time.perf_counter()
+) -> tuple[LoadedModel, Result, Upload, Stages]:
+    stages = Stages(time.perf_counter())
     upload = await _upload(request, k, model, with_k)
     try:
         if not 1 <= upload.k <= settings.max_k:
@@ -158,6 +186,7 @@ async def _run(
         if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
             raise QueueFull(f"queue full ({loaded.batcher.max_queue} images waiting)")
         data = await upload.read(settings.max_upload_bytes)
+        stages.read = time.perf_counter()
     finally:
         if upload.form is not None:
             await upload.form.close()
@@ -166,8 +195,9 @@ async def _run(
         image = decode_upload(*args)
     else:
         image = await run_in_threadpool(decode_upload, *args)
+    stages.decoded = time.perf_counter()
     result = await loaded.batcher.submit(image, max(upload.k, VOTE_K))
-    return loaded, result, upload, start
+    return loaded, result, upload, stages
 
 
 def _neighbours(loaded: LoadedModel, result: Result, k: int) -> list[Neighbour]:
@@ -197,8 +227,11 @@ def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction
     )
 
 
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 2)
+def _took_ms(response: Response, stages: Stages, result: Result) -> float:
+    """The request's time so far (``took_ms``), also sent with its parts as Server-Timing."""
+    took = round((time.perf_counter() - stages.start) * 1000, 2)
+    response.headers["Server-Timing"] = server_timing(stages, result, took)
+    return took
 
 
 @router.post(
@@ -210,13 +243,15 @@ def _ms(start: float) -> float:
 )
 async def search(
     request: Request,
+    response: Response,
     k: int | None = Query(None, description=K_QUERY),
     model: str | None = Query(None, description=MODEL_QUERY),
     registry: ModelRegistry = Depends(get_registry),
     settings: ServiceSettings = Depends(get_settings_dep),
 ) -> SearchResponse:
-    loaded, result, upload, start = await _run(request, k, model, registry, settings)
-    return SearchResponse(model=loaded.name, took_ms=_ms(start), results=_neighbours(loaded, result, upload.k))
+    loaded, result, upload, stages = await _run(request, k, model, registry, settings)
+    took = _took_ms(response, stages, result)
+    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, upload.k))
 
 
 @router.post(
@@ -228,12 +263,14 @@ async def search(
 )
 async def classify(
     request: Request,
+    response: Response,
     model: str | None = Query(None, description=MODEL_QUERY),
     registry: ModelRegistry = Depends(get_registry),
     settings: ServiceSettings = Depends(get_settings_dep),
 ) -> ClassifyResponse:
-    loaded, result, _, start = await _run(request, None, model, registry, settings, with_k=False)
-    return ClassifyResponse(model=loaded.name, took_ms=_ms(start), prediction=_prediction(loaded, result))
+    loaded, result, _, stages = await _run(request, None, model, registry, settings, with_k=False)
+    took = _took_ms(response, stages, result)
+    return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, result))
 
 
 @router.post(
@@ -245,15 +282,16 @@ async def classify(
 )
 async def analyze(
     request: Request,
+    response: Response,
     k: int | None = Query(None, description=K_QUERY),
     model: str | None = Query(None, description=MODEL_QUERY),
     registry: ModelRegistry = Depends(get_registry),
     settings: ServiceSettings = Depends(get_settings_dep),
 ) -> AnalyzeResponse:
-    loaded, result, upload, start = await _run(request, k, model, registry, settings)
+    loaded, result, upload, stages = await _run(request, k, model, registry, settings)
     return AnalyzeResponse(
         model=loaded.name,
-        took_ms=_ms(start),
+        took_ms=_took_ms(response, stages, result),
         prediction=_prediction(loaded, result),
         results=_neighbours(loaded, result, upload.k),
     )
