@@ -246,6 +246,13 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             if idle is not None and "1" in (bare or {}).get("forward", {}):
                 alt = ref - bare["forward"]["1"]["median_ms"] + idle + (s1 or 0.0)
                 note += f"; with batch 1 timed after 10 ms idle (+ FAISS) it would be {p50 / alt:.2f}"
+            timing = lv.get("server_timing_p50_ms") or {}
+            if "total" in timing:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in timing.items())
+                note += (
+                    f"; the service's Server-Timing, p50 of each part: {parts} ms, and {p50 - timing['total']:.2f} ms "
+                    "beyond its total (HTTP, routing, the response, the client)"
+                )
             rows.append(
                 {
                     "target": "c=1 median latency <= 1.15 x reference",
