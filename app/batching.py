@@ -245,7 +245,6 @@ class MicroBatcher:
             last = len(batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
-        called_at = time.perf_counter()
         images = np.stack([r.image for r in batch])
         k = max(r.k for r in batch)
         start = time.perf_counter()
@@ -261,5 +260,5 @@ class MicroBatcher:
             self._on_batch(len(batch), took)
         for i, r in enumerate(batch):
             if not r.future.done():
-                waited = called_at - r.queued_at
+                waited = start - r.queued_at
                 r.future.set_result(Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took, waited))
