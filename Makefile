@@ -29,7 +29,7 @@ demo-build: venv
 	$(BIN)/imgsim weights --quiet
 	test -f $(DEMO)/resnet50-demo/manifest.json || $(BIN)/imgsim train --backbone resnet50 --data $(DATA) \
 	  --out $(DEMO)/resnet50-demo --input-size 64 --trainable frozen --max-per-class 500 --epochs 15 --patience 3
-	test -f $(DEMO)/resnet50-demo-index/manifest.json || $(BIN)/imgsim index --model $(DEMO)/resnet50-demo --data $(DATA) --out $(DEMO)/resnet50-demo-index
+	test -f $(DEMO)/resnet50-demo-index/manifest.json || $(BIN)/imgsim index build --model $(DEMO)/resnet50-demo --data $(DATA) --out $(DEMO)/resnet50-demo-index
 
 # Start the demo service in the background, wait for /readyz, search with a test photo, stop.
 demo-check: demo-build
@@ -62,22 +62,22 @@ cifar10-ensemble: venv
 	  --model $(RUNS)/simple-cnn-cifar10 --json $(RUNS)/ensemble.json
 INDEXES ?= indexes
 cifar10-index-%: venv
-	$(BIN)/imgsim index --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10
+	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10
 	$(BIN)/imgsim evaluate --model $(RUNS)/$*-cifar10 --index $(INDEXES)/$*-cifar10 --data $(CIFAR) \
 	  --json $(RUNS)/$*-cifar10-retrieval.json --plot $(RUNS)/$*-cifar10-retrieval.png
 # The approximate (HNSW) index the benchmarks serve from, with its recall@5 against exact search.
 cifar10-hnsw-%: venv
-	$(BIN)/imgsim index --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-hnsw --index-type hnsw
+	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-hnsw --index-type hnsw
 	$(BIN)/imgsim evaluate --model $(RUNS)/$*-cifar10 --index $(INDEXES)/$*-cifar10-hnsw --data $(CIFAR) \
 	  --json $(RUNS)/$*-cifar10-hnsw-retrieval.json
 # The same with float16 vectors (half the memory; same retrieval metrics on CIFAR-10).
 cifar10-hnsw16-%: venv
-	$(BIN)/imgsim index --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-hnsw16 --index-type hnsw-fp16
+	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-hnsw16 --index-type hnsw-fp16
 	$(BIN)/imgsim evaluate --model $(RUNS)/$*-cifar10 --index $(INDEXES)/$*-cifar10-hnsw16 --data $(CIFAR) \
 	  --json $(RUNS)/$*-cifar10-hnsw16-retrieval.json
 # Flip test-time augmentation: items and queries embedded as image + mirror image (docs/results.md).
 cifar10-tta-%: venv
-	$(BIN)/imgsim index --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-flip --tta flip
+	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10-flip --tta flip
 	$(BIN)/imgsim evaluate --model $(RUNS)/$*-cifar10 --index $(INDEXES)/$*-cifar10-flip --data $(CIFAR) \
 	  --json $(RUNS)/$*-cifar10-flip-retrieval.json --plot $(RUNS)/$*-cifar10-flip-retrieval.png
 cifar10-results: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble \

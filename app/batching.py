@@ -17,7 +17,7 @@ other call is running (a lone request never waits); while one is, waiting costs 
 Each call takes at most ``max_batch / streams`` images, so at most ``max_batch`` are in
 flight and a full queue implies the same latency as with one stream.
 
-With ``max_queue_ms`` set, a request still queued after that long is refused (QueueFull, 503)
+With ``max_queue_ms`` set, a request still queued after that long is refused (Busy, 503)
 when a worker reaches it instead of being run late: an answered request then waited at most
 that long before its model call started.
 
@@ -44,9 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class QueueFull(Exception):
-    """The model's queue is at its limit; the caller should answer 503 with Retry-After."""
+from models.errors import Busy
 
 
 @dataclass
@@ -161,14 +159,14 @@ class MicroBatcher:
         while self._pending:
             req = self._pending.popleft()
             if not req.future.done():
-                req.future.set_exception(QueueFull("service is shutting down"))
+                req.future.set_exception(Busy("busy: the service is shutting down; retry shortly"))
         self._executor.shutdown(wait=True)
 
     async def submit(self, image: np.ndarray, k: int) -> Result:
         if self._changed is None:
             raise RuntimeError("batcher not started")
         if self.full:
-            raise QueueFull(f"queue full ({self.max_queue} images waiting)")
+            raise Busy(f"busy: queue full ({self.max_queue} images waiting); retry shortly")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._pending.append(_Request(image, k, future, time.perf_counter()))
@@ -205,7 +203,7 @@ class MicroBatcher:
             if 0 < self.max_queue_wait < waited:  # FIFO: the oldest come first, so the batch fills with fresh ones
                 limit_ms = self.max_queue_wait * 1000
                 r.future.set_exception(
-                    QueueFull(f"waited {waited * 1000:.0f} ms in the queue (limit {limit_ms:.0f} ms)")
+                    Busy(f"busy: waited {waited * 1000:.0f} ms in the queue (limit {limit_ms:.0f} ms); retry shortly")
                 )
                 continue
             batch.append(r)

@@ -17,17 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.batching import QueueFull
 from app.config import ServiceSettings, get_service_settings
-from app.imaging import UploadError
 from app.observability import Metrics
 from app.registry import ModelRegistry, detect_device
 from app.routers import health, images, models, search
-from models.errors import ImgsimError
-from models.train import package_version
+from models.errors import Busy, ImgsimError, NotReady
+from models.manifests import package_version
 
 log = logging.getLogger("imgsim.app")
 STATIC = Path(__file__).parent / "static"
+HOW_TO_SEND = "send the image as the multipart field 'file' (curl -F file=@q.jpg)"
 
 
 class ObserveMiddleware:
@@ -89,7 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry.device = detect_device()
     log.info("inference device: %s", registry.device)
     if not settings.models:
-        raise ImgsimError("no models configured: pass --model DIR --index DIR, or set IMGSIM_MODELS")
+        raise NotReady("no models configured: pass --model DIR --index DIR, or set IMGSIM_MODELS")
     for pair in settings.models:
         await run_in_threadpool(registry.load, pair)
     registry.on_batch = app.state.metrics.observe_batch
@@ -126,22 +125,23 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     app.add_middleware(ObserveMiddleware, metrics=app.state.metrics, max_upload=app.state.settings.max_upload_bytes)
 
-    @app.exception_handler(UploadError)
-    async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        app.state.metrics.rejected.labels(getattr(request.state, "model", "")).inc()
-        return JSONResponse({"detail": f"busy: {exc}; retry shortly"}, status_code=503, headers={"Retry-After": "1"})
-
     @app.exception_handler(ImgsimError)
     async def imgsim_error(request: Request, exc: ImgsimError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        """The one mapping from errors to answers: the error carries its status and headers."""
+        if isinstance(exc, Busy):
+            app.state.metrics.rejected.labels(getattr(request.state, "model", "")).inc()
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msgs = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
+        """One string, as every other error; a missing image says how to send one."""
+        errors = exc.errors()
+        if any(e["type"] == "missing" and e["loc"][-1] == "file" for e in errors):
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "multipart/form-data":
+                return JSONResponse({"detail": f"unsupported content type {media[:64]!r}: {HOW_TO_SEND}"}, 415)
+            return JSONResponse({"detail": f"missing the image: {HOW_TO_SEND}"}, 422)
+        msgs = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors]
         return JSONResponse({"detail": "; ".join(msgs)}, status_code=422)
 
     return app

@@ -6,16 +6,15 @@ import logging
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 
 from app.batching import MicroBatcher
 from app.config import ModelPair, ServiceSettings
-from indexer.build import model_identity
 from indexer.store import IndexStore
-from models.errors import ImgsimError
+from models.errors import BadInput, NotFound, NotReady
 from models.inference import Embedder, load_trained
+from models.manifests import ModelManifest, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +27,12 @@ class LoadedModel:
     batcher: MicroBatcher
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> ModelManifest:
         return self.embedder.trained.manifest
 
     def run_batch(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One forward pass and one FAISS search for a whole batch (runs in the model's thread)."""
-        emb, probs = self.embedder.embed(images, self.store.manifest.get("tta", "none"))
+        emb, probs = self.embedder.embed(images, self.store.manifest.tta)
         scores, ids = self.store.search(emb, k)
         return emb, probs, scores, ids
 
@@ -59,6 +58,11 @@ def detect_device() -> str:
     return "CPU"
 
 
+def _shorten(text: str, limit: int = 64) -> str:
+    """A user-given name as echoed in an error: never at any length."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ModelRegistry:
     """Name -> LoadedModel, plus the active name.
 
@@ -77,10 +81,10 @@ class ModelRegistry:
 
     def load(self, pair: ModelPair) -> LoadedModel:
         trained = load_trained(pair.model)
-        name = pair.name or trained.manifest.get("name") or pair.model.resolve().name
+        name = pair.name or trained.name
         if name in self.models:
-            raise ImgsimError(f"two models are named {name!r}; give them distinct names")
-        store = IndexStore.open(pair.index, expect_model=model_identity(trained))
+            raise BadInput(f"two models are named {name!r}; give them distinct names")
+        store = IndexStore.open(pair.index, expect_model=model_identity(trained.path, trained.manifest))
         embedder = Embedder(trained)
         size = embedder.input_size
         embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request
@@ -109,7 +113,7 @@ class ModelRegistry:
         log.info(
             "loaded model %s (%s, %d px) with %d indexed images",
             name,
-            trained.manifest["backbone"],
+            trained.manifest.backbone,
             size,
             store.count(),
         )
@@ -118,21 +122,22 @@ class ModelRegistry:
     @property
     def active(self) -> str:
         if self._active is None:
-            raise ImgsimError("no model loaded")
+            raise NotReady("no model loaded")
         return self._active
 
     def get(self, name: str | None) -> LoadedModel:
+        """The named model, or the active one; NotFound names the loaded ones."""
         with self._lock:
             key = name or self._active
-            if key is None or key not in self.models:
-                raise KeyError(name)
+            if key is None:
+                raise NotReady("no model loaded")
+            if key not in self.models:
+                known = ", ".join(sorted(self.models))
+                raise NotFound(f"unknown model {_shorten(key)!r}; loaded: {known}")
             return self.models[key]
 
     def set_active(self, name: str) -> None:
-        with self._lock:
-            if name not in self.models:
-                raise KeyError(name)
-            self._active = name
+        self._active = self.get(name).name
 
     def start(self) -> None:
         for m in self.models.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -118,3 +120,20 @@ class Ready(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(examples=["unknown model 'x'; loaded: resnet50-cifar10, vgg16-cifar10"])
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "An API key is configured and the request has none (header X-API-Key)",
+    403: "Wrong API key",
+    404: "Unknown model or item",
+    410: "The item's image can no longer be read from its source",
+    413: "Upload too large or too many pixels",
+    415: "Not a supported image or content type",
+    422: "Corrupt image or invalid parameter",
+    503: "Model queue full (retry after the Retry-After seconds), or no model loaded",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: every error it can answer, each with the one error body."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}

@@ -217,7 +217,7 @@ def load_jpegs(source: str, n: int, data: str = DEFAULT_DATA, seed: int = 0) -> 
       each also mirrored -- closer to a typical upload (decode + downscale cost).
     """
     if source == "cifar":
-        from models.datasets import open_dataset
+        from models.data import open_dataset
 
         per_class = max(1, -(-n // 10))
         dataset = open_dataset(data, max_per_class=per_class, seed=seed)

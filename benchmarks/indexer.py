@@ -30,7 +30,7 @@ from benchmarks.common import DEFAULT_DATA, log, quiet_tensorflow, read_manifest
 
 def cache_status(model_dir: Path, data: str) -> str | None:
     """None when the cached-feature path will be taken for ``data``, else why not."""
-    from models.datasets import open_dataset
+    from models.data import open_dataset
     from models.features import load_cache
     from models.settings import get_settings
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=get_settings().batch_size,
-        help="inference batch, as `imgsim index --batch-size` (default %(default)s)",
+        help="inference batch, as `imgsim index build --batch-size` (default %(default)s)",
     )
     p.add_argument("--no-cached", action="store_true", help="skip the cached-feature run")
     p.add_argument("--json", type=Path, default=None, help="write the results here")

@@ -59,7 +59,7 @@ def bench_model(
 
     from app.imaging import decode_upload
     from models.backbones import preprocess
-    from models.datasets import decode_image
+    from models.data import decode_image
     from models.inference import Embedder, load_trained
     from models.settings import get_settings
 

@@ -234,7 +234,7 @@ def search_cold(embedder, index_dir: Path, rounds: int) -> None:  # noqa: ANN001
 
 
 def idle_wake(embedder, jpegs: list[bytes], rounds: int, gap_ms: float) -> None:  # noqa: ANN001
-    from models.datasets import decode_image
+    from models.data import decode_image
 
     size = embedder.input_size
     x = np.random.default_rng(0).integers(0, 255, (1, size, size, 3), dtype=np.uint8)

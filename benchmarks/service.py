@@ -668,7 +668,7 @@ class BareModel:
     def __init__(self, model_dir: Path, images: list[tuple[str, bytes]]) -> None:
         import numpy as np
 
-        from models.datasets import decode_image
+        from models.data import decode_image
         from models.inference import Embedder, load_trained
 
         quiet_tensorflow()

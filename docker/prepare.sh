@@ -25,6 +25,6 @@ fi
 if [ -f "$INDEX/manifest.json" ]; then
   echo "prepare: index $INDEX exists, not rebuilding"
 else
-  imgsim index --model "$MODEL" --data "$DATA_SPEC" --out "$INDEX" --quiet
+  imgsim index build --model "$MODEL" --data "$DATA_SPEC" --out "$INDEX" --quiet
 fi
 echo "prepare: done"

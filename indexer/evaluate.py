@@ -10,12 +10,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.build import embed_split, model_identity
+from indexer.embedding import embed_split
+from models.manifests import model_identity
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import IndexStore, all_vectors, l2_normalise
-from models.datasets import open_dataset
 from models.errors import ImgsimError
-from models.inference import Embedder, load_trained
+from models.inference import Embedder, load_trained, open_as_trained
 from models.settings import Settings, get_settings
 
 K_MAX = 10
@@ -43,53 +43,42 @@ def evaluate(
     batch_size: int = 32,
     use_cache: bool = True,
     progress: bool = True,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    max_per_class: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics dict (JSON-ready) and the raw per-query arrays (for plots)."""
     settings = settings or get_settings()
     trained = load_trained(model_dir)
-    store = IndexStore.open(index_dir, expect_model=model_identity(trained))
-    t = trained.manifest["training"]
-    dataset = open_dataset(
-        data, val_fraction=t["val_fraction"], seed=t["seed"], max_per_class=t["max_per_class"], settings=settings
-    )
-    if dataset.class_names != store.manifest["dataset"]["class_names"]:
+    store = IndexStore.open(index_dir, expect_model=model_identity(trained.path, trained.manifest))
+    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class)
+    if dataset.class_names != store.manifest.dataset.class_names:
         raise ImgsimError("the dataset's classes differ from the index's")
     if split not in dataset.splits():
         raise ImgsimError(f"{data} has no {split!r} split (has {', '.join(dataset.splits())})")
     embedder = Embedder(trained)
-    tta = store.manifest.get("tta", "none")  # queries are embedded as the index's items were
-    keys, labels, emb, probs, path_taken, _ = embed_split(
-        embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta
-    )
-    queries = l2_normalise(emb)
+    tta = store.manifest.tta  # queries are embedded as the index's items were
+    embedded = embed_split(embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta)
+    keys, labels = embedded.keys, embedded.labels
+    queries = l2_normalise(embedded.vectors)
     t0 = time.perf_counter()
     scores, ids = store.search(queries, K_MAX)
     search_seconds = time.perf_counter() - t0
-    retrieved = store.labels(ids)
-    rel = relevance(retrieved, labels)
-    n_rel = store.label_counts(len(dataset.class_names))[labels]
-    per_query = {
-        "precision_at_1": precision_at_k(rel, 1),
-        "precision_at_5": precision_at_k(rel, 5),
-        "precision_at_10": precision_at_k(rel, 10),
-        "map_at_5": average_precision_at_k(rel, 5, n_rel),
-        "knn_accuracy": (knn_vote(retrieved, scores, len(dataset.class_names), 5) == labels).astype(float),
-        "classifier_accuracy": (probs.argmax(axis=1) == labels).astype(float),
-    }
+    per_query = _per_query(store, labels, embedded.probs, scores, ids, len(dataset.class_names))
     result: dict[str, Any] = {
         "model": trained.name,
         "index": str(Path(index_dir)),
-        "index_type": store.manifest["index_type"],
-        "index_count": store.manifest["count"],
+        "index_type": store.manifest.index_type,
+        "index_count": store.manifest.count,
         "split": split,
         "n_queries": len(keys),
         **{k: round(float(v.mean()), 4) for k, v in per_query.items()},
-        "embedding_path": path_taken,
+        "embedding_path": embedded.path_taken,
         "tta": tta,
         "search_seconds": round(search_seconds, 3),
         "per_class": per_class(per_query, labels, dataset.class_names),
     }
-    if store.manifest["index_type"] != "flat":
+    if store.manifest.index_type != "flat":
         result["recall_at_5_vs_exact"] = round(exact_recall_at_k(store, queries, ids, 5), 4)
     raw = {
         "keys": np.array(keys),
@@ -101,6 +90,23 @@ def evaluate(
     }
     store.close()
     return result, raw
+
+
+def _per_query(
+    store: IndexStore, labels: np.ndarray, probs: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
+    """Each metric per query (1 or 0, or a precision), to average overall and per class."""
+    retrieved = store.labels(ids)
+    rel = relevance(retrieved, labels)
+    n_rel = store.label_counts(n_classes)[labels]
+    return {
+        "precision_at_1": precision_at_k(rel, 1),
+        "precision_at_5": precision_at_k(rel, 5),
+        "precision_at_10": precision_at_k(rel, 10),
+        "map_at_5": average_precision_at_k(rel, 5, n_rel),
+        "knn_accuracy": (knn_vote(retrieved, scores, n_classes, 5) == labels).astype(float),
+        "classifier_accuracy": (probs.argmax(axis=1) == labels).astype(float),
+    }
 
 
 def format_summary(r: dict[str, Any]) -> str:

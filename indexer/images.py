@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from indexer.store import IndexStore
-from models.errors import ImgsimError
+from models.errors import Gone
 
 
 def item_image_bytes(store: IndexStore, item_id: int) -> bytes:
@@ -27,16 +27,16 @@ def item_image_bytes(store: IndexStore, item_id: int) -> bytes:
     if row.split == "added":
         path = source.resolve()
     else:
-        root = Path(store.manifest["dataset"]["spec"]).resolve()  # not the row's source: the table may be tampered
+        root = Path(store.manifest.dataset.spec).resolve()  # not the row's source: the table may be tampered
         path = (root / row.key).resolve()
         if not path.is_relative_to(root):
-            raise ImgsimError(f"item {item_id} points outside its dataset")
+            raise Gone(f"item {item_id} points outside its dataset")
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ImgsimError(f"image of item {item_id} is no longer readable: {exc.strerror}") from None
+        raise Gone(f"image of item {item_id} is no longer readable: {exc.strerror}") from None
     if hashlib.sha256(data).hexdigest() != row.sha256:
-        raise ImgsimError(f"image of item {item_id} changed on disk since it was indexed")
+        raise Gone(f"image of item {item_id} changed on disk since it was indexed")
     return data
 
 

@@ -14,7 +14,6 @@ Layout of INDEX_DIR::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -29,10 +28,10 @@ import faiss
 import numpy as np
 
 from models.errors import ImgsimError
+from models.manifests import MANIFEST_FILE, IndexManifest, ModelIdentity, read_index_manifest, write_manifest
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.sqlite"
-MANIFEST_FILE = "manifest.json"
 INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf")
 HNSW_TYPES = ("hnsw", "hnsw-fp16")  # graphs that cannot delete: removal rebuilds them
 
@@ -121,7 +120,7 @@ def all_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
 class IndexStore:
     """An open index directory (read-mostly; writes go through :func:`writing`)."""
 
-    def __init__(self, path: Path, index: faiss.Index, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, index: faiss.Index, manifest: IndexManifest) -> None:
         self.path = Path(path)
         self.index = index
         self.manifest = manifest
@@ -130,13 +129,13 @@ class IndexStore:
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def open(cls, path: Path, expect_model: dict[str, Any] | None = None) -> IndexStore:
+    def open(cls, path: Path, expect_model: ModelIdentity | None = None) -> IndexStore:
         """Open and cross-check manifest, FAISS index and item table (and the model, if given)."""
         path = Path(path)
         for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
             if not (path / name).is_file():
                 raise ImgsimError(f"{path} is not an index directory ({name} missing); build one with `imgsim index`")
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = read_index_manifest(path)
         index = faiss.read_index(str(path / INDEX_FILE))
         store = cls(path, index, manifest)
         try:
@@ -146,20 +145,16 @@ class IndexStore:
             raise
         return store
 
-    def check(self, expect_model: dict[str, Any] | None = None) -> None:
+    def check(self, expect_model: ModelIdentity | None = None) -> None:
         m = self.manifest
         rows = self.count()
         problems = []
-        if self.index.d != m["embedding_dim"]:
-            problems.append(f"FAISS dimension {self.index.d} != manifest {m['embedding_dim']}")
-        if self.index.ntotal != m["count"] or rows != m["count"]:
-            problems.append(f"counts differ: FAISS {self.index.ntotal}, items table {rows}, manifest {m['count']}")
+        if self.index.d != m.embedding_dim:
+            problems.append(f"FAISS dimension {self.index.d} != manifest {m.embedding_dim}")
+        if self.index.ntotal != m.count or rows != m.count:
+            problems.append(f"counts differ: FAISS {self.index.ntotal}, items table {rows}, manifest {m.count}")
         if expect_model is not None:
-            for field in ("backbone", "embedding_layer", "embedding_dim", "model_sha256"):
-                if field in expect_model and m["model"].get(field) != expect_model[field]:
-                    problems.append(
-                        f"model {field}: index built with {m['model'].get(field)!r}, given {expect_model[field]!r}"
-                    )
+            problems += m.model.mismatches(expect_model)
         if problems:
             raise ImgsimError(f"index {self.path} does not match: " + "; ".join(problems))
 
@@ -248,9 +243,9 @@ def insert_items(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> Non
     db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
 
 
-def write_index_files(directory: Path, index: faiss.Index, manifest: dict[str, Any]) -> None:
+def write_index_files(directory: Path, index: faiss.Index, manifest: IndexManifest) -> None:
     faiss.write_index(index, str(directory / INDEX_FILE))
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_manifest(directory, manifest)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from models.datasets import Dataset, Item, SkipCounter, UnreadableImage, decode_image
+from models.data import Dataset, Item, SkipCounter, UnreadableImage, decode_image
 
 T = TypeVar("T")
 

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from models.datasets import open_dataset
 from models.errors import ImgsimError
-from models.inference import load_trained, predict_split
+from models.inference import load_trained, open_as_trained, predict_split
 from models.settings import Settings, get_settings
 
 
@@ -32,16 +31,13 @@ def evaluate_ensemble(
     per_model: list[tuple[list[str], np.ndarray, np.ndarray]] = []
     for d in model_dirs:
         trained = load_trained(d)
-        t = trained.manifest["training"]
-        dataset = open_dataset(
-            data, val_fraction=t["val_fraction"], seed=t["seed"], max_per_class=t["max_per_class"], settings=settings
-        )
+        dataset = open_as_trained(trained.manifest, data, settings)
         keys, labels, probs = predict_split(trained, dataset, split, settings, progress=progress)
         per_model.append((keys, labels, probs))
         results["members"].append(
             {
                 "name": trained.name,
-                "backbone": trained.manifest["backbone"],
+                "backbone": trained.manifest.backbone,
                 "accuracy": float((probs.argmax(1) == labels).mean()),
                 "count": len(keys),
             }

@@ -22,14 +22,25 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.datasets import Dataset, SkipCounter
+from models.architecture import Architecture, split_model
+from models.backbones import Preprocessing, preprocess
+from models.data import Dataset, SkipCounter
 from models.embed import stream_forward
+from models.errors import ImgsimError
+from models.settings import Settings
+
+if TYPE_CHECKING:
+    import keras
+
+    from models.train import TrainOptions
 
 
 @dataclass
@@ -127,3 +138,93 @@ def build_cache(
     cache = load_cache(directory)
     assert cache is not None
     return cache, skipped
+
+
+@dataclass
+class Features:
+    """Cached outputs of the frozen layers per split, and how they were obtained."""
+
+    splits: dict[str, FeatureSplit]
+    key: str
+    hit: bool
+    messages: list[str]
+    seconds: float
+
+
+def extract_features(
+    arch: Architecture,
+    opts: TrainOptions,
+    dataset: Dataset,
+    test_set: Dataset | None,
+    settings: Settings,
+    progress: bool,
+) -> Features:
+    """Train and val features (and test, from ``dataset`` or from ``test_set``)."""
+    t0 = time.perf_counter()
+    splits = ["train", "val"] + (["test"] if "test" in dataset.splits() and not test_set else [])
+    feats, key, hit, messages = _features(arch, opts, dataset, splits, settings, progress)
+    if test_set:
+        test_splits = ["test"] if "test" in test_set.splits() else ["train"]
+        test_feats, _, _, more = _features(arch, opts, test_set, test_splits, settings, progress)
+        feats["test"] = next(iter(test_feats.values()))
+        messages += more
+    seconds = time.perf_counter() - t0
+    messages.append(f"feature extraction: {seconds:.1f} s")
+    return Features(feats, key, hit, messages, seconds)
+
+
+def _forward_fn(model: keras.Model | None, preprocessing: Preprocessing) -> Any:
+    """uint8 batch -> model output; the identity (raw pixels, uint8) when there is no lower model."""
+    if model is None:
+        return lambda batch: batch
+    return lambda batch: np.asarray(model.predict_on_batch(preprocess(batch, preprocessing)))
+
+
+def _features(
+    arch: Architecture, opts: TrainOptions, dataset: Dataset, splits: list[str], settings: Settings, progress: bool
+) -> tuple[dict[str, FeatureSplit], str, bool, list[str]]:
+    """Cached outputs of the frozen layers; with ``flip``, also those of the mirrored training images.
+
+    The mirrored features are a separate cache, so turning flip on reuses the plain one.
+    """
+    lower, _ = split_model(arch.model, arch.cut)
+    forward = _forward_fn(lower, arch.preprocessing)
+    describe = {"backbone": opts.backbone, "cut": arch.cut, "data": opts.data}
+
+    def cached(parts: list[str], mirrored: bool) -> tuple[dict[str, FeatureSplit], str, bool, list[str]]:
+        key = features_key(
+            backbone=opts.backbone,
+            weights=arch.weights.sha256 if arch.weights else None,
+            input_size=opts.input_size,
+            cut=arch.cut,
+            dataset=dataset.fingerprint,
+            splits=parts,
+            flip=mirrored,
+        )
+        directory = settings.cache_dir / "features" / key
+        found = load_cache(directory)
+        if found is not None:
+            return found, key, True, []
+        fn = (lambda batch: forward(batch[:, :, ::-1, :])) if mirrored else forward
+        built, skipped = build_cache(
+            directory,
+            fn,
+            dataset,
+            parts,
+            opts.input_size,
+            opts.extract_batch_size,
+            describe={**describe, "mirrored": mirrored},
+            progress=progress,
+        )
+        return built, key, False, [skipped.summary()] if skipped.total and not mirrored else []
+
+    feats, key, hit, messages = cached(splits, False)
+    messages.insert(0, f"feature cache {'hit' if hit else 'built'}: {key}")
+    if opts.flip and "train" in feats:
+        mirror, mirror_key, mirror_hit, _ = cached(["train"], True)
+        if mirror["train"].keys != feats["train"].keys:
+            raise ImgsimError(f"mirrored feature cache {mirror_key} does not match {key}; delete both and rerun")
+        feats["train"].x_flip = mirror["train"].x
+        messages.append(f"mirrored feature cache {'hit' if mirror_hit else 'built'}: {mirror_key}")
+        hit = hit and mirror_hit
+    return feats, key, hit, messages

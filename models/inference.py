@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +11,12 @@ import numpy as np
 
 from models.architecture import split_model
 from models.backbones import preprocess
-from models.datasets import Dataset, SkipCounter
+from models.data import Dataset, SkipCounter, open_dataset
 from models.embed import stream_forward
 from models.errors import ImgsimError
 from models.features import FeatureSplit, features_key, load_cache
 from models.settings import Settings, get_settings
-from models.train import MANIFEST, MODEL_FILE
+from models.manifests import MODEL_FILE, ModelManifest, read_model_manifest
 
 if TYPE_CHECKING:
     import keras
@@ -27,61 +26,74 @@ if TYPE_CHECKING:
 class TrainedModel:
     path: Path
     model: keras.Model
-    manifest: dict[str, Any]
+    manifest: ModelManifest
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("name") or self.path.name)
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        raise ImgsimError(f"{model_dir} is not a trained model directory (no {MANIFEST}); run `imgsim train` first")
-    return json.loads(path.read_text())
+        return self.manifest.name
 
 
 def load_trained(model_dir: Path) -> TrainedModel:
     import keras
 
-    manifest = read_manifest(model_dir)
+    manifest = read_model_manifest(model_dir)
     file = Path(model_dir) / MODEL_FILE
     if not file.is_file():
         raise ImgsimError(f"{file} is missing: the model directory is incomplete")
     return TrainedModel(Path(model_dir), keras.saving.load_model(file, compile=False), manifest)
 
 
+def open_as_trained(
+    manifest: ModelManifest,
+    data: str,
+    settings: Settings,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    max_per_class: int | None = None,
+) -> Dataset:
+    """``data`` split as the model's training split it (unless overridden), so that its
+    validation images stay out of its test set and the training feature cache applies."""
+    t = manifest.training
+    return open_dataset(
+        data,
+        val_fraction=t.val_fraction if val_fraction is None else val_fraction,
+        seed=t.seed if seed is None else seed,
+        max_per_class=t.max_per_class if max_per_class is None else max_per_class,
+        settings=settings,
+    )
+
+
 def training_cache(
-    manifest: dict[str, Any], dataset: Dataset, splits: Sequence[str], settings: Settings
+    manifest: ModelManifest, dataset: Dataset, splits: Sequence[str], settings: Settings
 ) -> dict[str, FeatureSplit] | None:
     """The training run's cached cut-layer features for ``splits`` of ``dataset``, if they apply.
 
     They apply only to the very dataset the model was trained on (same fingerprint, so the
     same files, split and cap) and only when the cache still holds every requested split.
     """
-    if not manifest.get("feature_cache") or manifest["dataset"]["fingerprint"] != dataset.fingerprint:
+    if not manifest.feature_cache or manifest.dataset.fingerprint != dataset.fingerprint:
         return None
-    cache = load_cache(settings.cache_dir / "features" / manifest["feature_cache"])
+    cache = load_cache(settings.cache_dir / "features" / manifest.feature_cache)
     if cache is None or not all(s in cache for s in splits):
         return None
     return cache
 
 
 def mirrored_training_cache(
-    manifest: dict[str, Any], dataset: Dataset, split: str, settings: Settings
+    manifest: ModelManifest, dataset: Dataset, split: str, settings: Settings
 ) -> FeatureSplit | None:
     """Cached cut-layer features of the mirrored images of ``split``, if training built them.
 
     ``imgsim train --flip`` caches the mirrored training images; flip test-time
     augmentation reuses them instead of running the lower network again.
     """
-    if not manifest.get("feature_cache") or manifest["dataset"]["fingerprint"] != dataset.fingerprint:
+    if not manifest.feature_cache or manifest.dataset.fingerprint != dataset.fingerprint:
         return None
     key = features_key(
-        backbone=manifest["backbone"],
-        weights=(manifest.get("weights") or {}).get("sha256"),
-        input_size=manifest["input_size"],
-        cut=manifest["cut_layer"],
+        backbone=manifest.backbone,
+        weights=manifest.weights.sha256 if manifest.weights else None,
+        input_size=manifest.input_size,
+        cut=manifest.cut_layer,
         dataset=dataset.fingerprint,
         splits=[split],
         flip=True,
@@ -122,13 +134,13 @@ def predict_split(
     """
     settings = settings or get_settings()
     m = trained.manifest
-    if dataset.class_names != m["class_names"]:
+    if dataset.class_names != m.class_names:
         raise ImgsimError(
             f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m['class_names']}"
         )
     cache = training_cache(m, dataset, [split], settings)
     if cache is not None:
-        _, upper = split_model(trained.model, m["cut_layer"])
+        _, upper = split_model(trained.model, m.cut_layer)
         feats = cache[split]
         probs = np.concatenate(
             [
@@ -139,7 +151,7 @@ def predict_split(
         return feats.keys, feats.y, probs
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(trained.model.predict_on_batch(preprocess(batch, m["preprocessing"])))
+        return np.asarray(trained.model.predict_on_batch(preprocess(batch, m.preprocessing)))
 
     keys: list[str] = []
     labels: list[int] = []
@@ -148,7 +160,7 @@ def predict_split(
         forward,
         dataset,
         dataset.select(split),
-        m["input_size"],
+        m.input_size,
         batch_size,
         SkipCounter(),
         progress,
@@ -200,14 +212,14 @@ class Embedder:
 
         m = trained.manifest
         self.trained = trained
-        self.input_size: int = m["input_size"]
-        self.preprocessing = m["preprocessing"]
-        self.class_names: list[str] = m["class_names"]
+        self.input_size: int = m.input_size
+        self.preprocessing = m.preprocessing
+        self.class_names: list[str] = m.class_names
         import tensorflow as tf
 
         self.model = keras.Model(
             trained.model.input,
-            [trained.model.get_layer(m["embedding_layer"]).output, trained.model.output],
+            [trained.model.get_layer(m.embedding_layer).output, trained.model.output],
         )
         self._upper: keras.Model | None = None
         # One graph for every batch size: predict_on_batch would retrace per new batch shape,
@@ -238,6 +250,6 @@ class Embedder:
     def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Same outputs from cached cut-layer features (frozen models: only the head runs)."""
         if self._upper is None:
-            _, self._upper = split_model(self.model, self.trained.manifest["cut_layer"])
+            _, self._upper = split_model(self.model, self.trained.manifest.cut_layer)
         emb, probs = self._upper.predict_on_batch(np.asarray(features, dtype=np.float32))
         return np.asarray(emb, dtype=np.float32), np.asarray(probs, dtype=np.float32)

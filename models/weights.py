@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ImgsimError
+from models.manifests import file_digest
 from models.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,6 @@ class WeightsInfo:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def file_digest(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _variant_name(backbone: str, include_top: bool) -> str:

@@ -5,7 +5,7 @@ training feature cache when it applies, as `imgsim evaluate` does), then measure
 precision@5 with exact cosine search for classic post-processing of retrieval
 embeddings: mean-centering, PCA whitening, database-side augmentation (DBA) and
 average query expansion (AQE), each against the plain L2-normalised embeddings that
-`imgsim index` stores; and flip test-time augmentation (`imgsim index --tta flip`) on the
+`imgsim index` stores; and flip test-time augmentation (`imgsim index build --tta flip`) on the
 indexed side only, the query side only, and both.
 
     .venv/bin/python scripts/retrieval_postprocess.py --model runs/resnet50-cifar10
@@ -21,7 +21,7 @@ import numpy as np
 
 from indexer.build import embed_split
 from indexer.store import l2_normalise
-from models.datasets import open_dataset
+from models.data import open_dataset
 from models.inference import Embedder, load_trained
 from models.settings import get_settings
 

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from app.batching import MIN_HALF, MicroBatcher, QueueFull, batch_limit
+from app.batching import MIN_HALF, MicroBatcher, batch_limit
+from models.errors import Busy
 
 
 def test_batch_limit() -> None:
@@ -103,7 +104,7 @@ def test_unknown_policy_is_refused() -> None:
 @pytest.mark.parametrize("streams", [1, 2])
 def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> None:
     """With max_queue_ms, no request starts its model call after waiting longer than that: it
-    gets QueueFull (503) instead, so an answered request takes at most the limit plus one call."""
+    gets Busy (503) instead, so an answered request takes at most the limit plus one call."""
     call_s, limit_ms = 0.05, 30.0
     ran: list[int] = []  # images per model call
 
@@ -122,7 +123,7 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
             t = time.perf_counter()
             try:
                 await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1)
-            except QueueFull as exc:
+            except Busy as exc:
                 assert "in the queue (limit 30 ms)" in str(exc)
                 return None
             return time.perf_counter() - t

@@ -1,4 +1,4 @@
-"""Tests for models.datasets: tiny synthetic datasets built in tmp_path, no network."""
+"""Tests for models.data: tiny synthetic datasets built in tmp_path, no network."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from models.datasets import (
+from models.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     SPLITS,

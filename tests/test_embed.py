@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from models.backbones import preprocess
-from models.datasets import Dataset, SkipCounter, decode_image, open_dataset
+from models.data import Dataset, SkipCounter, decode_image, open_dataset
 from models.embed import Embeddings, embed_items, load_embeddings, prefetch, save_embeddings
 
 CLASSES = ("cat", "dog")

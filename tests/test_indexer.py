@@ -20,15 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.build import add_images, build_index, embed_split, model_identity, remove_ids
+from indexer.build import build_index
+from indexer.embedding import embed_split
+from indexer.update import add_images, remove_ids
 from indexer.evaluate import evaluate, exact_recall_at_k
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
 from models.backbones import preprocess
-from models.datasets import decode_image, open_dataset
+from models.data import decode_image
 from models.errors import ImgsimError
-from models.inference import Embedder, load_trained
+from models.inference import Embedder, load_trained, open_as_trained
+from models.manifests import model_identity
 from models.settings import Settings, get_settings
 from models.train import TrainOptions, train
 from tests.test_train import make_colour_dataset
@@ -136,10 +139,10 @@ def _snapshot(index_dir: Path) -> Snapshot:
     try:
         ids, vecs = all_vectors(store.index)
         n_rows = store.count()
-        assert store.manifest["count"] == store.index.ntotal == n_rows == len(ids)
+        assert store.manifest.count == store.index.ntotal == n_rows == len(ids)
         rows = store.rows(ids.tolist())
         assert sorted(rows) == sorted(ids.tolist())  # the same ids in FAISS and in the table
-        assert store.manifest["next_id"] > max(rows, default=-1)
+        assert store.manifest.next_id > max(rows, default=-1)
         return Snapshot(store.manifest, rows, {int(i): v for i, v in zip(ids, vecs)})
     finally:
         store.close()
@@ -197,18 +200,13 @@ def test_scores_are_dot_products_of_normalised_vectors(index_type: str) -> None:
 
 def test_built_index_scores_are_cosines_of_model_embeddings(env: Env) -> None:
     trained = load_trained(env.model)
-    t = trained.manifest["training"]
-    dataset = open_dataset(
-        str(env.data), val_fraction=t["val_fraction"], seed=t["seed"], max_per_class=t["max_per_class"],
-        settings=env.settings,
-    )  # fmt: skip
+    dataset = open_as_trained(trained.manifest, str(env.data), env.settings)
     embedder = Embedder(trained)
-    keys, _, raw, _, _, _ = embed_split(
-        embedder, dataset, dataset.select(["train", "val"]), 32, env.settings, True, False
-    )
-    q_keys, _, q_raw, _, _, _ = embed_split(embedder, dataset, dataset.select("test"), 32, env.settings, True, False)
+    cached = embed_split(embedder, dataset, dataset.select(["train", "val"]), 32, env.settings, True, False)
+    queries = embed_split(embedder, dataset, dataset.select("test"), 32, env.settings, True, False)
+    keys, raw, q_keys, q_raw = cached.keys, cached.vectors, queries.keys, queries.vectors
     snap = _snapshot(env.flat)
-    assert snap.manifest["metric"] == "inner_product" and snap.manifest["score"] == "cosine"
+    assert snap.manifest.metric == "inner_product" and snap.manifest.score == "cosine"
     key_to_id = {r.key: i for i, r in snap.rows.items()}
     assert sorted(key_to_id) == sorted(keys)
     raw_by_id = {key_to_id[k]: v for k, v in zip(keys, raw)}
@@ -240,9 +238,9 @@ def test_frozen_graph_matches_keras(env: Env) -> None:
         emb, probs = frozen(imgs[:n])
         emb_plain, probs_plain = plain(imgs[:n])
         np.testing.assert_allclose(emb, emb_plain, rtol=1e-4, atol=1e-5)
-        keras_probs = trained.model.predict_on_batch(preprocess(imgs[:n], trained.manifest["preprocessing"]))
+        keras_probs = trained.model.predict_on_batch(preprocess(imgs[:n], trained.manifest.preprocessing))
         np.testing.assert_allclose(probs, keras_probs, rtol=1e-4, atol=1e-6)
-        assert emb.shape[0] == n and probs.shape == (n, len(trained.manifest["class_names"]))
+        assert emb.shape[0] == n and probs.shape == (n, len(trained.manifest.class_names))
 
 
 def test_a_forward_pass_never_formats_its_input(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,7 +253,7 @@ def test_a_forward_pass_never_formats_its_input(env: Env, monkeypatch: pytest.Mo
     original = tensor_type.__repr__
     monkeypatch.setattr(tensor_type, "__repr__", lambda t: formatted.append(t.shape) or original(t))
     trained = load_trained(env.model)
-    size = trained.manifest["input_size"]
+    size = trained.manifest.input_size
     imgs = np.zeros((3, size, size, 3), dtype=np.uint8)
     for freeze in (True, False):
         Embedder(trained, freeze=freeze)(imgs)
@@ -267,7 +265,7 @@ def test_cached_and_full_model_paths_agree(env: Env, tmp_path: Path) -> None:
                          progress=False)  # fmt: skip
     assert report.path_taken == "full-model" and report.count == 30
     full, cached = _snapshot(tmp_path / "full"), _snapshot(env.flat)
-    assert full.manifest["embedding_path"] == "full-model" and cached.manifest["embedding_path"] == "cached-features"
+    assert full.manifest.embedding_path == "full-model" and cached.manifest.embedding_path == "cached-features"
     assert full.rows == cached.rows
     for i, v in cached.vectors.items():
         np.testing.assert_allclose(full.vectors[i], v, atol=1e-5)
@@ -310,10 +308,10 @@ def test_flip_tta_index_cached_and_full_paths_agree(env: Env, tmp_path: Path, fl
     else:
         assert cached.notes == ["train: full model on mirrored images", "val: full model on mirrored images"]
     c, f = _snapshot(tmp_path / "c"), _snapshot(tmp_path / "f")
-    assert c.manifest["tta"] == f.manifest["tta"] == "flip" and c.rows == f.rows
+    assert c.manifest.tta == f.manifest.tta == "flip" and c.rows == f.rows
     build_index(model, str(env.data), tmp_path / "p", settings=env.settings, progress=False)
     plain = _snapshot(tmp_path / "p")
-    assert plain.manifest["tta"] == "none"
+    assert plain.manifest.tta == "none"
     embedder = Embedder(load_trained(model))
     first = min(c.rows)
     row = c.rows[first]
@@ -354,19 +352,20 @@ def test_remove_keeps_other_ids_keys_vectors_and_results(env: Env, tmp_path: Pat
     else:
         build_index(env.model, str(env.data), out, index_type=index_type, settings=env.settings, progress=False)
     before = _snapshot(out)
-    assert before.manifest["index_type"] == index_type and sorted(before.rows) == list(range(30))
+    assert before.manifest.index_type == index_type and sorted(before.rows) == list(range(30))
     probe = np.stack([before.vectors[i] for i in (0, 10, 20)])
     s_before, ids_before = _search(out, probe, 30)
 
     drop = [3, 17, 29]  # 29 is the largest id: it must not come back with the next add
-    assert remove_ids(out, drop) == {"removed": 3, "count": 27}
+    r = remove_ids(out, drop)
+    assert (r.removed, r.count) == (3, 27)
     after = _snapshot(out)
     _no_temp_dirs(out)
     assert sorted(after.rows) == sorted(set(range(30)) - set(drop))
     assert after.rows == {i: r for i, r in before.rows.items() if i not in drop}  # same keys, labels, hashes
     for i, v in after.vectors.items():
         np.testing.assert_array_equal(v, before.vectors[i])
-    assert after.manifest["next_id"] == before.manifest["next_id"] == 30
+    assert after.manifest.next_id == before.manifest.next_id == 30
 
     s_after, ids_after = _search(out, probe, 27)
     assert not np.isin(ids_after, drop).any()
@@ -387,7 +386,7 @@ def test_remove_keeps_other_ids_keys_vectors_and_results(env: Env, tmp_path: Pat
 def test_add_gets_new_ids_skips_duplicates_and_never_reuses_removed(env: Env, flat_copy: Path, tmp_path: Path) -> None:
     out = flat_copy
     before = _snapshot(out)
-    assert remove_ids(out, [29, 4])["count"] == 28
+    assert remove_ids(out, [29, 4]).count == 28
 
     new = tmp_path / "new"
     purple = _png(new / "purple.png", (150, 40, 200), seed=1)
@@ -396,7 +395,7 @@ def test_add_gets_new_ids_skips_duplicates_and_never_reuses_removed(env: Env, fl
     shutil.copyfile(env.data / "train" / "red" / "000.png", same_as_dataset)
     (new / "notes.txt").write_text("not an image")
     r = add_images(out, [purple, yellow, same_as_dataset, purple, new / "notes.txt"], label="red", progress=False)
-    assert r == {"added": 2, "duplicates": 2, "skipped": 1, "count": 30}
+    assert (r.added, r.duplicates, r.skipped, r.count) == (2, 2, 1, 30)
     step1 = _snapshot(out)
     _no_temp_dirs(out)
     added = {i: row for i, row in step1.rows.items() if i not in before.rows}
@@ -418,7 +417,7 @@ def test_add_gets_new_ids_skips_duplicates_and_never_reuses_removed(env: Env, fl
     # The same file again (also via its folder) is a duplicate: nothing is written.
     mtime = (out / "index.faiss").stat().st_mtime_ns
     r = add_images(out, [purple], progress=False)
-    assert r == {"added": 0, "duplicates": 1, "skipped": 0, "count": 30}
+    assert (r.added, r.duplicates, r.skipped, r.count) == (0, 1, 0, 30)
     assert (out / "index.faiss").stat().st_mtime_ns == mtime
     assert _snapshot(out).rows == step1.rows
 
@@ -426,7 +425,7 @@ def test_add_gets_new_ids_skips_duplicates_and_never_reuses_removed(env: Env, fl
     remove_ids(out, [30])
     orange = _png(tmp_path / "more" / "orange.png", (240, 140, 20), seed=3)
     r = add_images(out, [orange.parent], progress=False)  # a folder works too
-    assert r["added"] == 1 and r["count"] == 30
+    assert r.added == 1 and r.count == 30
     step2 = _snapshot(out)
     assert max(step2.rows) == 32 and 30 not in step2.rows and step2.rows[32].label == -1
     assert step2.rows[32].label_name is None
@@ -480,12 +479,12 @@ def test_interrupted_build_keeps_old_index(
     monkeypatch.undo()
     assert (out / "manifest.json").read_text() == old_manifest
     now = _snapshot(out)
-    assert now.manifest["index_type"] == "flat" and now.rows == old.rows
+    assert now.manifest.index_type == "flat" and now.rows == old.rows
     _no_temp_dirs(out)
 
 
 def test_interrupted_update_keeps_old_index(env: Env, flat_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.build
+    import indexer.update
 
     out = flat_copy
     old = _snapshot(out)
@@ -493,7 +492,7 @@ def test_interrupted_update_keeps_old_index(env: Env, flat_copy: Path, monkeypat
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer.build, "write_index_files", boom)
+    monkeypatch.setattr(indexer.update, "write_index_files", boom)
     with pytest.raises(KeyboardInterrupt):
         remove_ids(out, [0, 1])
     monkeypatch.undo()
@@ -504,13 +503,15 @@ def test_interrupted_update_keeps_old_index(env: Env, flat_copy: Path, monkeypat
 # ------------------------------------------------------------- 4. manifest mismatch
 def test_other_model_is_refused(env: Env, model_b: Path) -> None:
     a, b = load_trained(env.model), load_trained(model_b)
-    IndexStore.open(env.flat, expect_model=model_identity(a)).close()
+    IndexStore.open(env.flat, expect_model=model_identity(a.path, a.manifest)).close()
     with pytest.raises(ImgsimError, match=r"does not match.*model model_sha256: index built with '[0-9a-f]{64}'"):
-        IndexStore.open(env.flat, expect_model=model_identity(b))
+        IndexStore.open(env.flat, expect_model=model_identity(b.path, b.manifest))
     with pytest.raises(ImgsimError, match="model_sha256"):
         evaluate(model_b, env.flat, str(env.data), settings=env.settings, progress=False)
     with pytest.raises(ImgsimError, match=r"model embedding_dim: index built with 1024, given 512"):
-        IndexStore.open(env.flat, expect_model={**model_identity(a), "embedding_dim": 512})
+        IndexStore.open(
+            env.flat, expect_model=model_identity(a.path, a.manifest).model_copy(update={"embedding_dim": 512})
+        )
 
 
 def _edit_manifest(index_dir: Path, **changes: object) -> None:
@@ -671,7 +672,7 @@ def test_cli_index_add_remove_evaluate(
     from app.cli import main
 
     out = tmp_path / "idx"
-    base = ["index", "--model", str(env.model), "--data", str(env.data), "--out", str(out), "-q"]
+    base = ["index", "build", "--model", str(env.model), "--data", str(env.data), "--out", str(out), "-q"]
     assert main(base) == 0
     text = capsys.readouterr().out
     assert "indexed 30 images (flat)" in text and "reused the training feature cache" in text, text
@@ -693,7 +694,7 @@ def test_cli_index_add_remove_evaluate(
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "unknown ids: 0, 12345" in err, err
-    assert _snapshot(out).manifest["count"] == 30
+    assert _snapshot(out).manifest.count == 30
 
     report, plot = tmp_path / "reports" / "eval.json", tmp_path / "eval.png"
     code = main(["evaluate", "--model", str(env.model), "--index", str(out), "--data", str(env.data),
@@ -713,7 +714,7 @@ def test_cli_hnsw_evaluate_reports_recall(
     from app.cli import main
 
     out = tmp_path / "hnsw"
-    code = main(["index", "--model", str(env.model), "--data", str(env.data), "--out", str(out),
+    code = main(["index", "build", "--model", str(env.model), "--data", str(env.data), "--out", str(out),
                  "--index-type", index_type, "--hnsw-m", "8", "-q"])  # fmt: skip
     assert code == 0 and f"({index_type})" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -731,10 +732,10 @@ def test_cli_index_ivf(env: Env, cli_settings: None, tmp_path: Path, capsys: pyt
     from app.cli import main
 
     out = tmp_path / "ivf"
-    code = main(["index", "--model", str(env.model), "--data", str(env.data), "--out", str(out),
+    code = main(["index", "build", "--model", str(env.model), "--data", str(env.data), "--out", str(out),
                  "--index-type", "ivf", "--nlist", "4", "-q"])  # fmt: skip
     assert code == 0 and "indexed 30 images (ivf)" in capsys.readouterr().out
-    assert _snapshot(out).manifest["faiss_index"] == "IndexIVFFlat"
+    assert _snapshot(out).manifest.faiss_index == "IndexIVFFlat"
 
 
 # ----------------------------------------------------------- 7. serving item images

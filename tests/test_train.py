@@ -69,14 +69,14 @@ def test_frozen_resnet_writes_every_output_and_reuses_cache(
 
     second = train(_opts(colour_data, tmp_path / "m", backbone="resnet50", force=True), settings, progress=False)
     assert second.cache_hit is True
-    assert second.manifest["feature_cache"] == first.manifest["feature_cache"]
+    assert second.manifest.feature_cache == first.manifest.feature_cache
 
     with pytest.raises(ImgsimError, match="already holds a trained model"):
         train(_opts(colour_data, tmp_path / "m", backbone="resnet50"), settings, progress=False)
 
 
 def test_shift_batch_translates_each_map_within_its_cells() -> None:
-    from models.train import shift_batch
+    from models.fitting import shift_batch
 
     x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
     shifted = shift_batch(x, 1, np.random.default_rng(0))
@@ -115,13 +115,13 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
         settings,
         progress=False,
     )
-    assert aug.manifest["feature_cache"] == plain.manifest["feature_cache"]  # plain features reused
-    assert aug.messages[0] == f"feature cache hit: {plain.manifest['feature_cache']}", aug.messages
+    assert aug.manifest.feature_cache == plain.manifest.feature_cache  # plain features reused
+    assert aug.messages[0] == f"feature cache hit: {plain.manifest.feature_cache}", aug.messages
     assert any(m.startswith("mirrored feature cache built") for m in aug.messages), aug.messages
-    training = aug.manifest["training"]
-    assert training["flip"] and training["shift"] == 1 and training["mixed_precision"]
+    training = aug.manifest.training
+    assert training.flip and training.shift == 1 and training.mixed_precision
     assert (
-        training["label_smoothing"] == 0.1
+        training.label_smoothing == 0.1
         and len(json.loads((tmp_path / "aug" / "history.json").read_text())["loss"]) == 2
     )
     # bfloat16 was only for fitting: the saved model computes in float32 like every other.
@@ -163,7 +163,7 @@ def test_interrupted_run_resumes(colour_data: Path, tmp_path: Path, settings: Se
     assert result.resumed_from_epoch == 1
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 3, history
-    assert result.manifest["training"]["resumed_from_epoch"] == 1
+    assert result.manifest.training.resumed_from_epoch == 1
     for name in OUTPUT_FILES:
         assert (out / name).is_file(), name
 

@@ -141,7 +141,7 @@ def test_vgg16_imagenet_features_beat_random_init() -> None:
     import keras
 
     from models.backbones import build_backbone, make_forward
-    from models.datasets import open_dataset
+    from models.data import open_dataset
     from models.embed import embed_items
 
     archive = get_settings().cifar10_archive

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import get_metrics, get_registry
-from app.observability import Metrics
-from app.registry import ModelRegistry
+from app.deps import MetricsDep, Registry
 from app.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -25,7 +23,7 @@ def healthz() -> Health:
     responses={503: {"model": Ready}},
     summary="Models and indexes loaded and consistent; reports CPU or GPU",
 )
-def readyz(registry: ModelRegistry = Depends(get_registry)) -> Response:
+def readyz(registry: Registry) -> Response:
     counts: dict[str, int] = {}
     problems = []
     for name, m in registry.models.items():
@@ -42,7 +40,7 @@ def readyz(registry: ModelRegistry = Depends(get_registry)) -> Response:
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
-def metrics(registry: ModelRegistry = Depends(get_registry), m: Metrics = Depends(get_metrics)) -> Response:
+def metrics(registry: Registry, m: MetricsDep) -> Response:
     for name, loaded in registry.models.items():
         m.queue_depth.labels(name).set(loaded.batcher.depth)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from app.deps import get_registry, resolve_model
-from app.registry import ModelRegistry
-from app.schemas import ErrorResponse
+from app.deps import Registry
+from app.schemas import error_responses
 from indexer.images import item_image_bytes
-from models.errors import ImgsimError
+from models.errors import Gone, NotFound
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -37,29 +38,23 @@ def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
     "/{item_id}",
     response_class=Response,
     summary="An indexed image, or a thumbnail with ?size=",
-    responses={
-        200: {"content": {"image/jpeg": {}, "image/png": {}}},
-        404: {"model": ErrorResponse},
-        410: {"model": ErrorResponse},
-    },
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **error_responses(404, 410, 422)},
 )
 async def get_image(
     request: Request,
-    item_id: int = Path(ge=0, le=2**63 - 1, description="Item id from a search result"),  # SQLite INTEGER range
-    model: str | None = Query(None, description="Model whose index the id belongs to (default: active)"),
-    size: int | None = Query(None, ge=16, le=1024, description="Longest side of a thumbnail in pixels"),
-    registry: ModelRegistry = Depends(get_registry),
+    registry: Registry,
+    item_id: Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id from a search result")],  # SQLite INTEGER
+    model: Annotated[str | None, Query(max_length=200, description="Model of the index (default: active)")] = None,
+    size: Annotated[int | None, Query(ge=16, le=1024, description="Longest side of a thumbnail in pixels")] = None,
 ) -> Response:
-    loaded = resolve_model(registry, model)
+    loaded = registry.get(model)
     request.state.model = loaded.name
     try:
         data = await run_in_threadpool(item_image_bytes, loaded.store, item_id)
     except KeyError:
-        raise HTTPException(404, f"no item {item_id} in the index of model {loaded.name!r}") from None
-    except ImgsimError as exc:
-        raise HTTPException(410, str(exc)) from None
+        raise NotFound(f"no item {item_id} in the index of model {loaded.name!r}") from None
     try:
         body, media = await run_in_threadpool(_render, data, size)
     except (OSError, ValueError) as exc:  # Pillow: unreadable stored image
-        raise HTTPException(410, f"image of item {item_id} cannot be decoded: {exc}") from None
+        raise Gone(f"image of item {item_id} cannot be decoded: {exc}") from None
     return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})

@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 
-from app.deps import get_registry, require_admin
-from app.registry import ModelRegistry
-from app.schemas import ActivateRequest, ActiveResponse, ErrorResponse, ModelInfo, ModelsResponse
+from app.deps import Registry, require_admin
+from app.schemas import ActivateRequest, ActiveResponse, ModelInfo, ModelsResponse, error_responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and which one is active")
-def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelsResponse:
+def list_models(registry: Registry) -> ModelsResponse:
     active = registry.active
     out = []
     for name, m in registry.models.items():
         man = m.manifest
-        metrics = {k: v for k, v in man.get("metrics", {}).items() if isinstance(v, int | float) or v is None}
+        metrics = {k: v for k, v in man.metrics.model_dump().items() if isinstance(v, int | float) or v is None}
         out.append(
             ModelInfo(
                 name=name,
                 active=name == active,
-                backbone=man["backbone"],
-                input_size=man["input_size"],
-                classes=man["class_names"],
-                embedding_dim=man["embedding_dim"],
+                backbone=man.backbone,
+                input_size=man.input_size,
+                classes=man.class_names,
+                embedding_dim=man.embedding_dim,
                 index_size=m.store.index.ntotal,
-                index_type=m.store.manifest["index_type"],
-                tta=m.store.manifest.get("tta", "none"),
+                index_type=m.store.manifest.index_type,
+                tta=m.store.manifest.tta,
                 metrics=metrics,
             )
         )
@@ -39,16 +38,11 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelsRespon
     "/active",
     response_model=ActiveResponse,
     dependencies=[Depends(require_admin)],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses=error_responses(401, 403, 404, 422),
     summary="Switch the default model (admin)",
 )
-def set_active(
-    body: ActivateRequest, request: Request, registry: ModelRegistry = Depends(get_registry)
-) -> ActiveResponse:
+def set_active(body: ActivateRequest, request: Request, registry: Registry) -> ActiveResponse:
     previous = registry.active
-    try:
-        registry.set_active(body.name)
-    except KeyError:
-        raise HTTPException(404, f"unknown model {body.name!r}; loaded: {', '.join(sorted(registry.models))}") from None
+    registry.set_active(body.name)
     request.state.model = body.name
     return ActiveResponse(active=body.name, previous=previous)

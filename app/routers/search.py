@@ -4,131 +4,40 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import FormData
-from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from app.batching import QueueFull, Result
-from app.config import ServiceSettings
-from app.deps import get_registry, get_settings_dep, resolve_model
-from app.imaging import UploadError, check_content_type, decode_upload
-from app.registry import LoadedModel, ModelRegistry
+from app.batching import Result
+from app.deps import Registry, Settings
+from app.imaging import check_content_type, decode_upload
+from app.registry import LoadedModel
 from app.schemas import (
     AnalyzeResponse,
     ClassifyResponse,
     ClassScore,
-    ErrorResponse,
     Neighbour,
     Prediction,
     SearchResponse,
+    error_responses,
 )
+from models.errors import BadInput, Busy, TooLarge
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
-ERRORS = {
-    404: {"model": ErrorResponse, "description": "Unknown model"},
-    413: {"model": ErrorResponse, "description": "Upload too large or too many pixels"},
-    415: {"model": ErrorResponse, "description": "Not a supported image"},
-    422: {"model": ErrorResponse, "description": "Corrupt image or invalid parameter"},
-    503: {"model": ErrorResponse, "description": "Model queue full; retry after the Retry-After seconds"},
-}
 VOTE_K = 5
-DEFAULT_K = 5
-CHUNK = 1 << 16
-K_QUERY = "How many results, 1..IMGSIM_MAX_K (default 5); a form field `k` wins"
-MODEL_QUERY = "Model name (default: the active model); a form field `model` wins"
+ERRORS = error_responses(404, 413, 415, 422, 503)
 
-
-HOW_TO_SEND = (
-    "send it as the multipart field 'file' (curl -F file=@q.jpg) or as the request body with its type "
-    "(curl --data-binary @q.jpg -H 'Content-Type: image/jpeg')"
-)
-
-
-class UploadFields(BaseModel):
-    """The form fields next to a multipart ``file``; a raw-body upload passes them in the query."""
-
-    k: int = Field(DEFAULT_K, description="How many results (1..IMGSIM_MAX_K, default 5)")
-    model: str | None = Field(None, description="Model name; default: the active model")
-
-
-def _request_body_doc(fields: tuple[str, ...]) -> dict[str, Any]:
-    """The OpenAPI request body: a multipart form, or the image itself as the body.
-
-    Written here rather than derived from ``File``/``Form`` parameters: FastAPI's form
-    handling took 40 % of the app's own time per request, even for a raw body
-    (``python -m benchmarks.probes app-overhead``), so the endpoints parse the form themselves.
-    """
-    props = UploadFields.model_json_schema()["properties"]
-    form = {
-        "type": "object",
-        "required": ["file"],
-        "properties": {
-            "file": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP or GIF (first frame)"},
-            **{f: props[f] for f in fields},
-        },
-    }
-    image = {"schema": {"type": "string", "format": "binary"}}
-    content = {"multipart/form-data": {"schema": form}}
-    content.update({ct: image for ct in ("image/jpeg", "image/png", "image/webp", "application/octet-stream")})
-    return {"requestBody": {"required": True, "content": content}}
-
-
-@dataclass
-class Upload:
-    """The image's source (a multipart ``file`` or the body itself) and the request's parameters."""
-
-    k: int
-    model: str | None
-    content_type: str
-    chunks: Callable[[], AsyncIterator[bytes]]
-    form: FormData | None = None
-
-    async def read(self, limit: int) -> bytes:
-        """At most ``limit`` bytes; 413 as soon as the upload is larger."""
-        parts, total = [], 0
-        async for chunk in self.chunks():
-            total += len(chunk)
-            if total > limit:
-                raise HTTPException(413, f"upload larger than the {limit}-byte limit")
-            parts.append(chunk)
-        return b"".join(parts)
-
-
-async def _upload(request: Request, k: int | None, model: str | None, with_k: bool) -> Upload:
-    """Multipart form (its fields win over the query) or raw body (parameters in the query).
-
-    ``with_k``: the endpoint takes ``k`` (classify does not, and ignores a form field ``k``).
-    """
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "application/x-www-form-urlencoded":  # e.g. curl --data-binary without a Content-Type
-        raise UploadError(415, f"a url-encoded form cannot carry an image: {HOW_TO_SEND}")
-    if media_type != "multipart/form-data":
-        fields = _validate_fields(k, model)
-        return Upload(fields.k, fields.model, media_type, request.stream)
-    form = await request.form()  # Starlette answers 400 for a malformed body
-    try:
-        file = form.get("file")
-        if not isinstance(file, StarletteUploadFile):
-            raise HTTPException(422, f"missing the image: {HOW_TO_SEND}")
-        fields = _validate_fields(form.get("k", k) if with_k else None, form.get("model", model))
-    except Exception:
-        await form.close()  # on success, _run closes it once the image is read
-        raise
-
-    async def file_chunks() -> AsyncIterator[bytes]:
-        while chunk := await file.read(CHUNK):
-            yield chunk
-
-    return Upload(fields.k, fields.model, file.content_type or "", file_chunks, form)
+ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")]
+K = Annotated[
+    int, Form(ge=1, le=1024, description="How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5")
+]
+ModelName = Annotated[
+    str | None, Form(max_length=200, description="Model name (default: the active model)", examples=[None])
+]
 
 
 @dataclass
@@ -136,18 +45,16 @@ class Stages:
     """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
 
     start: float
-    read: float = 0.0  # the upload is parsed and read
+    read: float = 0.0  # the upload is read
     decoded: float = 0.0  # the image is the model's input
 
 
 def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
     """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
 
-    parse: form parsing and reading the upload; decode: the image to the model's input;
-    queue: waiting for a model call; infer: that call (hand-off to the model's thread,
-    forward pass, search, hand-back), shared by its whole batch; total: as ``took_ms``.
-    The rest of total is the hand-back to this request; the rest of the client's latency is
-    HTTP, routing and the response.
+    parse: reading the upload; decode: the image to the model's input; queue: waiting for
+    a model call; infer: that call (forward pass and search), shared by its whole batch;
+    total: as ``took_ms``.
     """
     ms = {
         "parse": (stages.read - stages.start) * 1000,
@@ -159,45 +66,27 @@ def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
     return ", ".join(f"{name};dur={v:.3f}" for name, v in ms.items())
 
 
-def _validate_fields(k: object, model: object) -> UploadFields:
-    values = {name: v for name, v in (("k", k), ("model", model)) if v is not None}
-    try:
-        return UploadFields.model_validate(values)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
 async def _run(
-    request: Request,
-    k: int | None,
-    model: str | None,
-    registry: ModelRegistry,
-    settings: ServiceSettings,
-    with_k: bool = True,
-) -> tuple[LoadedModel, Result, Upload, Stages]:
+    request: Request, file: UploadFile, k: int, model: str | None, registry: Registry, settings: Settings
+) -> tuple[LoadedModel, Result, Stages]:
+    """Decode the upload and submit it to the model's batcher; the model is resolved once."""
+    # FastAPI has parsed the form by now; the time it took is in the client's latency, not here.
     stages = Stages(time.perf_counter())
-    upload = await _upload(request, k, model, with_k)
-    try:
-        if not 1 <= upload.k <= settings.max_k:
-            raise HTTPException(422, f"k must be between 1 and {settings.max_k}, got {upload.k}")
-        loaded = resolve_model(registry, upload.model)  # resolved once: a model switch mid-request does not affect it
-        request.state.model = loaded.name
-        check_content_type(upload.content_type)
-        if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
-            raise QueueFull(f"queue full ({loaded.batcher.max_queue} images waiting)")
-        data = await upload.read(settings.max_upload_bytes)
-        stages.read = time.perf_counter()
-    finally:
-        if upload.form is not None:
-            await upload.form.close()
-    args = (data, loaded.embedder.input_size, settings.max_image_pixels)
-    if len(data) <= settings.inline_decode_bytes:
-        image = decode_upload(*args)
-    else:
-        image = await run_in_threadpool(decode_upload, *args)
+    if k > settings.max_k:
+        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
+    loaded = registry.get(model)  # a model switch mid-request does not affect this request
+    request.state.model = loaded.name
+    check_content_type(file.content_type)
+    if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
+        raise Busy(f"busy: queue full ({loaded.batcher.max_queue} images waiting); retry shortly")
+    if (file.size or 0) > settings.max_upload_bytes:
+        raise TooLarge(f"upload larger than the {settings.max_upload_bytes}-byte limit")
+    data = await file.read()
+    stages.read = time.perf_counter()
+    image = await run_in_threadpool(decode_upload, data, loaded.embedder.input_size, settings.max_image_pixels)
     stages.decoded = time.perf_counter()
-    result = await loaded.batcher.submit(image, max(upload.k, VOTE_K))
-    return loaded, result, upload, stages
+    result = await loaded.batcher.submit(image, max(k, VOTE_K))
+    return loaded, result, stages
 
 
 def _neighbours(loaded: LoadedModel, result: Result, k: int) -> list[Neighbour]:
@@ -234,41 +123,31 @@ def _took_ms(response: Response, stages: Stages, result: Result) -> float:
     return took
 
 
-@router.post(
-    "/search",
-    response_model=SearchResponse,
-    responses=ERRORS,
-    summary="Top-k similar indexed images",
-    openapi_extra=_request_body_doc(("k", "model")),
-)
+@router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Top-k similar indexed images")
 async def search(
     request: Request,
     response: Response,
-    k: int | None = Query(None, description=K_QUERY),
-    model: str | None = Query(None, description=MODEL_QUERY),
-    registry: ModelRegistry = Depends(get_registry),
-    settings: ServiceSettings = Depends(get_settings_dep),
+    file: ImageFile,
+    registry: Registry,
+    settings: Settings,
+    k: K = 5,
+    model: ModelName = None,
 ) -> SearchResponse:
-    loaded, result, upload, stages = await _run(request, k, model, registry, settings)
+    loaded, result, stages = await _run(request, file, k, model, registry, settings)
     took = _took_ms(response, stages, result)
-    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, upload.k))
+    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, k))
 
 
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    responses=ERRORS,
-    summary="Predicted class + neighbour vote",
-    openapi_extra=_request_body_doc(("model",)),
-)
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Predicted class + neighbour vote")
 async def classify(
     request: Request,
     response: Response,
-    model: str | None = Query(None, description=MODEL_QUERY),
-    registry: ModelRegistry = Depends(get_registry),
-    settings: ServiceSettings = Depends(get_settings_dep),
+    file: ImageFile,
+    registry: Registry,
+    settings: Settings,
+    model: ModelName = None,
 ) -> ClassifyResponse:
-    loaded, result, _, stages = await _run(request, None, model, registry, settings, with_k=False)
+    loaded, result, stages = await _run(request, file, VOTE_K, model, registry, settings)
     took = _took_ms(response, stages, result)
     return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, result))
 
@@ -278,20 +157,20 @@ async def classify(
     response_model=AnalyzeResponse,
     responses=ERRORS,
     summary="Classification and top-k search from one forward pass",
-    openapi_extra=_request_body_doc(("k", "model")),
 )
 async def analyze(
     request: Request,
     response: Response,
-    k: int | None = Query(None, description=K_QUERY),
-    model: str | None = Query(None, description=MODEL_QUERY),
-    registry: ModelRegistry = Depends(get_registry),
-    settings: ServiceSettings = Depends(get_settings_dep),
+    file: ImageFile,
+    registry: Registry,
+    settings: Settings,
+    k: K = 5,
+    model: ModelName = None,
 ) -> AnalyzeResponse:
-    loaded, result, upload, stages = await _run(request, k, model, registry, settings)
+    loaded, result, stages = await _run(request, file, k, model, registry, settings)
     return AnalyzeResponse(
         model=loaded.name,
         took_ms=_took_ms(response, stages, result),
         prediction=_prediction(loaded, result),
-        results=_neighbours(loaded, result, upload.k),
+        results=_neighbours(loaded, result, k),
     )

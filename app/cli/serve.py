@@ -1,0 +1,71 @@
+"""`imgsim serve`: the web service (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.errors import ImgsimError, NotFound
+
+if TYPE_CHECKING:
+    from app.config import ModelPair
+
+
+def check_model_pairs(pairs: Sequence[ModelPair]) -> None:
+    """Refuse bad model/index pairs with one line before uvicorn starts (no Keras needed)."""
+    from indexer.store import IndexStore
+    from models.manifests import model_identity, read_model_manifest
+
+    names: set[str] = set()
+    for pair in pairs:
+        for path, what in ((pair.model, "model"), (pair.index, "index")):
+            if not path.is_dir():
+                raise NotFound(f"{what} directory not found: {path}")
+        manifest = read_model_manifest(pair.model)
+        name = pair.name or manifest.name
+        if name in names:
+            raise ImgsimError(f"two models are named {name!r}; give them distinct names")
+        names.add(name)
+        IndexStore.open(pair.index, expect_model=model_identity(pair.model, manifest)).close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import ModelPair, ServiceSettings
+    from app.main import create_app
+
+    if len(args.model or []) != len(args.index or []):
+        raise ImgsimError("give --model and --index in pairs (one --index per --model)")
+    overrides: dict[str, object] = {}
+    if args.model:
+        overrides["models"] = [ModelPair(model=m, index=i) for m, i in zip(args.model, args.index)]
+    for field in ("host", "port"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    settings = ServiceSettings(**overrides)
+    if not settings.models:
+        raise ImgsimError("no models configured: pass --model DIR --index DIR, or set IMGSIM_MODELS")
+    check_model_pairs(settings.models)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the web service (FastAPI + uvicorn)",
+        description="Serve search/classify for one or more trained models and their indexes. "
+        "Repeat --model/--index pairs; the first is active. Without them, IMGSIM_MODELS is used.",
+    )
+    p.add_argument("--model", type=Path, action="append", help="MODEL_DIR (repeatable, paired with --index)")
+    p.add_argument("--index", type=Path, action="append", help="INDEX_DIR built from the preceding --model")
+    p.add_argument("--host", default=None, help="bind address (default IMGSIM_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default IMGSIM_PORT or 8000)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
