@@ -1,35 +1,23 @@
 """Micro-batching: concurrent requests for one model share a single model call.
 
-Requests put their decoded image on a bounded asyncio queue and await a future. Each of
-``streams`` worker tasks per model takes queued requests (up to ``max_batch`` images in
-flight in all; optionally waiting ``max_wait_ms`` for more), runs the forward pass and the
-FAISS search for the whole batch in its own thread (TensorFlow and FAISS release the GIL,
-so the event loop stays free), then resolves each request's future. With
-``max_wait_ms=0`` a lone request runs at once, and batches form while the model is busy.
+Requests put their decoded image on a queue and await a future. Each of ``streams``
+worker tasks per model takes queued requests, runs the forward pass and the FAISS search
+for the whole batch in its own thread (TensorFlow and FAISS release the GIL, so the event
+loop stays free), then resolves each request's future. A lone request runs at once;
+batches form while the model is busy.
 
-Two streams (the default) let two model calls share TensorFlow's thread pool: on this
-2-core machine two concurrent batches of 8 of ResNet50 ran at 1.01-1.07 of one batch of
-32's throughput, one batch of 8 at 0.91-0.98 (docs/performance.md), because one call's
-small ops leave cores idle that the other call's ops fill. A free worker starts at once when no
-other call is running (a lone request never waits); while one is, waiting costs nothing
-(the running call has the cores), so the worker waits until a balanced share of the work
-(in flight and queued, split between the streams) is queued, or until that call ends.
-Each call takes at most ``max_batch / streams`` images, so at most ``max_batch`` are in
-flight and a full queue implies the same latency as with one stream.
+Two streams (the default) let two model calls share TensorFlow's thread pool: one call's
+small ops leave cores idle that the other call's ops fill (docs/performance.md, D3). A
+free worker starts at once when no other call is running; while one is, waiting costs
+nothing (the running call has the cores), so the worker waits until a fair share of the
+work (in flight and queued, split between the streams) is queued, or until that call
+ends. Without that wait, the first free worker would take whatever is queued and the
+streams would settle into one large and one tiny batch. Each call takes at most
+``max_batch / streams`` images, so at most ``max_batch`` are in flight.
 
 With ``max_queue_ms`` set, a request still queued after that long is refused (Busy, 503)
-when a worker reaches it instead of being run late: an answered request then waited at most
-that long before its model call started.
-
-Policy ``balanced`` (the default) keeps the work in flight split into two halves when the
-model is saturated. Clients that each wait for their answer before sending again (a fixed
-pool of workers, the benchmark's closed loop) otherwise settle into whatever split the
-first batches happened to have, often 1 and N-1: the model then alternates a batch of one,
-its least efficient call, with one large batch, and that small call also absorbs all the
-event loop's work of answering the large one. Halves keep every call at N/2 and spread
-that work evenly. It applies only when requests were already waiting as the previous batch
-finished and each half would hold at least ``MIN_HALF`` images; otherwise everything queued
-is taken at once, as policy ``greedy`` always does. Measured in docs/performance.md.
+when a worker reaches it instead of being run late: an answered request then waited at
+most that long before its model call started.
 """
 
 from __future__ import annotations
@@ -67,31 +55,14 @@ class _Request:
 
 
 BatchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-BATCH_POLICIES = ("balanced", "greedy")
 
 
-# One stream only: halves smaller than this are not worth it: a model call has a fixed cost of about one
-# image's compute (ResNet50 128 px here: ~10 ms + ~14 ms per image), so splitting 4 requests
-# into 2 + 2 measured 10 % slower than the 1 + 3 that greedy batching settles into.
-MIN_HALF = 8
-
-
-def batch_limit(policy: str, max_batch: int, load: int, waited: bool, streams: int = 1, in_flight: int = 0) -> int:
-    """How many queued requests the next batch may take.
-
-    ``load``: the images in flight plus those queued (one stream: the previous batch's size
-    plus the requests queued while it ran); ``waited``: one stream only, the queue was empty
-    when the previous batch finished (the model went idle); ``in_flight``: images in the
-    other streams' running calls, which share the ``max_batch`` budget.
-    """
+def batch_limit(max_batch: int, streams: int, in_flight: int, queued: int) -> int:
+    """How many queued requests the next call may take: a fair share of the work in flight and
+    queued, within its stream's part of ``max_batch`` and the room the other calls leave."""
     room = max(1, max_batch - in_flight)
-    if streams > 1:
-        per_stream = -(-max_batch // streams)  # so that the streams' calls together fit max_batch
-        return room if policy == "greedy" else min(room, per_stream, -(-load // streams))
-    half = -(-load // 2)  # ceil(load / 2)
-    if policy == "greedy" or waited or half < MIN_HALF:
-        return max_batch
-    return min(max_batch, half)
+    per_stream = -(-max_batch // streams)  # so that the streams' calls together fit max_batch
+    return min(room, per_stream, max(1, -(-(in_flight + queued) // streams)))
 
 
 class MicroBatcher:
@@ -104,24 +75,18 @@ class MicroBatcher:
         self,
         run_batch: BatchFn,
         max_batch: int = 32,
-        max_wait_ms: float = 0.0,
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "model",
         thread_init: Callable[[], None] | None = None,
-        policy: str = "balanced",
         streams: int = 2,
         max_queue_ms: float = 0.0,
     ) -> None:
-        if policy not in BATCH_POLICIES:
-            raise ValueError(f"unknown batch policy {policy!r}; choose one of {', '.join(BATCH_POLICIES)}")
         if streams < 1:
             raise ValueError(f"streams must be at least 1, got {streams}")
         self._run_batch = run_batch
-        self.policy = policy
         self.streams = streams
         self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         # A request still queued after this long gets 503 instead of a model call (0 = no limit):
         # the latency of an answered request is then at most this plus one model call.
@@ -175,24 +140,20 @@ class MicroBatcher:
         return await future
 
     def _share(self) -> int:
-        """A balanced batch: the work in flight and queued, split evenly between the streams."""
         in_flight = sum(self._in_flight)
-        return batch_limit(self.policy, self.max_batch, in_flight + len(self._pending), False, self.streams, in_flight)
+        return batch_limit(self.max_batch, self.streams, in_flight, len(self._pending))
 
     def _ready(self) -> bool:
         """May a free worker start a call now? (Called with the condition's lock held.)"""
         if not self._pending or sum(self._in_flight) >= self.max_batch:
             return False
-        if not self._in_flight or self.policy == "greedy":
+        if not self._in_flight:
             return True  # the model is idle: never keep a request waiting
-        # Another call is running and has the cores: wait for a balanced share, or for it to end.
+        # Another call is running and has the cores: wait for a fair share, or for it to end.
         return len(self._pending) >= self._share()
 
-    def _take(self, waited: bool, last: int) -> list[_Request]:
-        if self.streams > 1:
-            limit = self._share()
-        else:
-            limit = batch_limit(self.policy, self.max_batch, last + len(self._pending), waited)
+    def _take(self) -> list[_Request]:
+        limit = self._share()
         now = time.perf_counter()
         batch: list[_Request] = []
         while self._pending and len(batch) < limit:
@@ -209,18 +170,11 @@ class MicroBatcher:
             batch.append(r)
         return batch
 
-    async def _collect(self, last: int) -> list[_Request]:
+    async def _collect(self) -> list[_Request]:
         assert self._changed is not None
         async with self._changed:
-            waited = not self._pending
             await self._changed.wait_for(self._ready)
-            if self.max_wait > 0 and len(self._pending) < self.max_batch:
-                # Optional extra wait for a fuller batch (IMGSIM_MAX_WAIT_MS).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: len(self._pending) >= self.max_batch), self.max_wait
-                    )
-            batch = self._take(waited, last)
+            batch = self._take()
             self._in_flight.append(len(batch))
             return batch
 
@@ -232,15 +186,13 @@ class MicroBatcher:
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
-        last = 0
         while True:
-            batch = await self._collect(last)
+            batch = await self._collect()
             try:
                 if batch:
                     await self._run(loop, batch)
             finally:
                 await self._finished(len(batch))
-            last = len(batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         images = np.stack([r.image for r in batch])

@@ -29,23 +29,12 @@ class ServiceSettings(Settings):
     port: int = Field(8000, description="Port of `imgsim serve`.")
     max_upload_bytes: int = Field(10_000_000, ge=1, description="Larger uploads get 413.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one model call.")
-    max_wait_ms: float = Field(
-        0.0,
-        ge=0.0,
-        le=1000.0,
-        description="Extra wait for a fuller batch; 0 = take whatever is queued (no added latency).",
-    )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
     max_queue_ms: float = Field(
         0.0,
         ge=0.0,
         description="A request still queued after this many ms gets 503 instead of a model call, so an "
         "answered request takes at most this plus one model call; 0 = no time limit.",
-    )
-    batch_policy: Literal["balanced", "greedy"] = Field(
-        "balanced",
-        description="balanced: under saturation, split the requests in flight into two batches of "
-        "equal size; greedy: always take everything queued (see app/batching.py).",
     )
     model_streams: int = Field(
         2,
@@ -56,13 +45,7 @@ class ServiceSettings(Settings):
     )
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
-    max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
-    inline_decode_bytes: int = Field(
-        32 * 1024,
-        ge=0,
-        description="Uploads up to this size are decoded on the event loop (a thread hop costs more than "
-        "decoding a thumbnail); larger ones in a worker thread.",
-    )
+    max_k: int = Field(100, ge=1, le=1024, description="Largest k a search may ask for.")
     gil_switch_ms: float = Field(
         1.0,
         gt=0.0,

@@ -98,12 +98,10 @@ class ModelRegistry:
         loaded.batcher = MicroBatcher(
             loaded.run_batch,
             s.max_batch_size,
-            s.max_wait_ms,
             s.max_queue,
             on_batch,
             name,
             thread_init=partial(_set_faiss_threads, s.faiss_threads),
-            policy=s.batch_policy,
             streams=s.model_streams,
             max_queue_ms=s.max_queue_ms,
         )

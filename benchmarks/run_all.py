@@ -586,7 +586,7 @@ def render(results: dict[str, Any]) -> str:
             f"### {svc['backbone']} {svc['input_size']} px",
             "",
             f"`POST {svc['endpoint']}` (k={svc['k']}) with {svc['images']['source']} JPEGs; service settings: "
-            f"max batch {st['max_batch_size']}, max wait {st['max_wait_ms']} ms, queue {st['max_queue']}, "
+            f"max batch {st['max_batch_size']}, queue {st['max_queue']}, "
             f"FAISS threads {st['faiss_threads']}"
             + (f", env {svc['env']}" if svc.get("env") else "")
             + f". Index: {svc.get('ready', {}).get('models')}. Started and ready in {svc['startup_seconds']} s.",

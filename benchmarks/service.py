@@ -636,7 +636,6 @@ def effective_settings(env: dict[str, str]) -> dict[str, Any]:
         s = ServiceSettings()
         return {
             "max_batch_size": s.max_batch_size,
-            "max_wait_ms": s.max_wait_ms,
             "max_queue": s.max_queue,
             "max_queue_ms": s.max_queue_ms,
             "model_streams": s.model_streams,

@@ -1,4 +1,4 @@
-"""Micro-batching policy: how a saturated model's work is split into batches."""
+"""Micro-batching: how a saturated model's work is split into batches and streams."""
 
 from __future__ import annotations
 
@@ -9,21 +9,22 @@ import time
 import numpy as np
 import pytest
 
-from app.batching import MIN_HALF, MicroBatcher, batch_limit
+from app.batching import MicroBatcher, batch_limit
 from models.errors import Busy
 
 
 def test_batch_limit() -> None:
-    assert batch_limit("greedy", 32, 16, waited=False) == 32
-    assert batch_limit("balanced", 32, 16, waited=False) == 8  # halves of the work in flight
-    assert batch_limit("balanced", 32, 17, waited=False) == 9
-    assert batch_limit("balanced", 32, 100, waited=False) == 32  # never above max_batch
-    assert batch_limit("balanced", 32, 16, waited=True) == 32  # after an idle moment: take all
-    assert batch_limit("balanced", 32, 2 * MIN_HALF - 2, waited=False) == 32  # halves too small to pay
+    assert batch_limit(32, 1, 0, 16) == 16  # one stream: everything queued
+    assert batch_limit(32, 1, 0, 100) == 32  # never above max_batch
+    assert batch_limit(32, 2, 8, 8) == 8  # two streams: a fair share of the work in flight and queued
+    assert batch_limit(32, 2, 8, 9) == 9
+    assert batch_limit(32, 2, 0, 100) == 16  # each stream's part of max_batch
+    assert batch_limit(32, 2, 30, 10) == 2  # the room the other call leaves
+    assert batch_limit(32, 2, 0, 1) == 1
 
 
 def _closed_loop(
-    policy: str, clients: int, rounds: int, streams: int = 1, max_batch: int = 32, peak: list[int] | None = None
+    clients: int, rounds: int, streams: int = 1, max_batch: int = 32, peak: list[int] | None = None
 ) -> list[int]:
     """``clients`` callers that each send again as soon as they are answered; the batch sizes
     seen, in the order the calls started. ``peak`` gets the most images ever in flight at once."""
@@ -44,7 +45,7 @@ def _closed_loop(
         return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
 
     async def main() -> None:
-        batcher = MicroBatcher(run_batch, max_batch=max_batch, policy=policy, streams=streams)
+        batcher = MicroBatcher(run_batch, max_batch=max_batch, streams=streams)
         batcher.start()
 
         async def client(i: int) -> None:
@@ -59,24 +60,14 @@ def _closed_loop(
     return sizes
 
 
-def test_greedy_keeps_the_lopsided_split_of_the_first_batches() -> None:
-    sizes = _closed_loop("greedy", 16, 6)
-    assert sizes[:2] == [1, 15] and set(sizes[2:]) == {1, 15}
-
-
-def test_balanced_settles_into_two_equal_halves() -> None:
-    sizes = _closed_loop("balanced", 16, 6)
-    assert sizes[0] == 1 and sum(sizes) == 16 * 6
-    assert sizes[2:-2] == [8] * len(sizes[2:-2]), sizes
-
-
-def test_balanced_leaves_small_loads_alone() -> None:
-    assert _closed_loop("balanced", 4, 5) == _closed_loop("greedy", 4, 5)
+def test_one_stream_takes_everything_queued() -> None:
+    sizes = _closed_loop(16, 6)
+    assert sizes[:2] == [1, 15] and sum(sizes) == 16 * 6
 
 
 def test_two_streams_settle_into_two_concurrent_halves() -> None:
     peak: list[int] = []
-    sizes = _closed_loop("balanced", 16, 8, streams=2, peak=peak)
+    sizes = _closed_loop(16, 8, streams=2, peak=peak)
     assert sum(sizes) == 16 * 8
     assert sizes[4:-4] == [8] * len(sizes[4:-4]), sizes
     assert max(peak[4:-4]) == 16  # both halves run at once
@@ -84,21 +75,21 @@ def test_two_streams_settle_into_two_concurrent_halves() -> None:
 
 def test_two_streams_lone_requests_never_wait() -> None:
     start = time.perf_counter()
-    sizes = _closed_loop("balanced", 1, 20, streams=2)
+    sizes = _closed_loop(1, 20, streams=2)
     assert sizes == [1] * 20
     assert time.perf_counter() - start < 20 * (0.007 + 0.004)  # 7 ms per call, a few ms of slack in all
 
 
 def test_two_streams_share_the_max_batch_budget() -> None:
     peak: list[int] = []
-    sizes = _closed_loop("balanced", 40, 4, streams=2, max_batch=8, peak=peak)
+    sizes = _closed_loop(40, 4, streams=2, max_batch=8, peak=peak)
     assert sum(sizes) == 40 * 4 and max(peak) == 8  # never more than max_batch images in flight
     assert max(sizes) <= 8
 
 
-def test_unknown_policy_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown batch policy 'fifo'"):
-        MicroBatcher(lambda images, k: None, policy="fifo")  # type: ignore[arg-type,return-value]
+def test_streams_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="streams must be at least 1"):
+        MicroBatcher(lambda images, k: None, streams=0)  # type: ignore[arg-type,return-value]
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -116,7 +107,7 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
 
     async def main() -> tuple[list[float], int]:
         # One image per call: 12 requests at once need 12 x 50 ms / streams, far past 30 ms.
-        batcher = MicroBatcher(run_batch, max_batch=streams, policy="greedy", streams=streams, max_queue_ms=limit_ms)
+        batcher = MicroBatcher(run_batch, max_batch=streams, streams=streams, max_queue_ms=limit_ms)
         batcher.start()
 
         async def one() -> float | None:
