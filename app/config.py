@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -46,12 +45,6 @@ class ServiceSettings(Settings):
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, le=1024, description="Largest k a search may ask for.")
-    gil_switch_ms: float = Field(
-        1.0,
-        gt=0.0,
-        description="Python's thread switch interval: how long the inference thread may wait for the "
-        "interpreter lock while the event loop parses requests (Python's default is 5 ms).",
-    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,6 +46,7 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        scope.setdefault("state", {})["start"] = start  # where a request's Server-Timing starts
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -71,8 +71,8 @@ def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     Freezing a graph and its first call (TensorFlow's graph optimiser) allocate and free
-    several copies of the weights; glibc keeps the freed pages, about 0.8 GB for ResNet50
-    (docs/performance.md). Trimming once after loading returns them.
+    several copies of the weights; glibc keeps the freed pages (docs/performance.md, D7).
+    Trimming once after loading returns them.
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -98,7 +98,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     release_free_memory()
-    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     registry.start()
     app.state.registry = registry
     try:

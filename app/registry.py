@@ -41,7 +41,7 @@ def _set_faiss_threads(n: int) -> None:
     """OpenMP's thread count is per calling thread: set it in the thread that searches.
 
     Set only in the event loop's thread, it left the inference thread at one OpenMP thread
-    per core, whose spinning after each search slowed the next forward pass by ~5 ms.
+    per core, whose spinning after each search slowed the next forward pass (D2).
     """
     import faiss
 

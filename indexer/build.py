@@ -117,8 +117,7 @@ def build_index(
         )
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
     embedder = Embedder(trained)
-    size = embedder.input_size
-    embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph outside the timed part
+    embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))  # trace outside the timing
     t0 = time.perf_counter()
     embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)
     embed_seconds = time.perf_counter() - t0
@@ -135,14 +134,19 @@ def build_index(
     manifest = _manifest(
         trained, dataset, spec, index, index_type, params or {}, embedded.path_taken, tta, store_bytes, ids
     )
+    _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest)
+    seconds = time.perf_counter() - start
+    return BuildReport(len(ids), embedded.path_taken, seconds, embed_seconds, embedded.skipped, embedded.notes)
+
+
+def _write(out: Path, rows: list[tuple], index: faiss.Index, manifest: IndexManifest) -> None:
+    """INDEX_DIR in a temporary sibling, renamed into place when complete."""
     with writing(out) as tmp:
         db = create_items_db(tmp / "items.sqlite")
-        insert_items(db, [(*r[:2], spec, *r[3:]) for r in ordered])
+        insert_items(db, rows)
         db.commit()
         db.close()
         write_index_files(tmp, index, manifest)
-    seconds = time.perf_counter() - start
-    return BuildReport(len(ids), embedded.path_taken, seconds, embed_seconds, embedded.skipped, embedded.notes)
 
 
 def _manifest(

@@ -86,8 +86,7 @@ def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vec
             base = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         else:
             # Vectors stored as float16: half the memory, and a search right after a forward pass
-            # (caches evicted) reads half the bytes from DRAM: 0.46 -> 0.29 ms for 50k x 1024,
-            # recall@10 0.999 -> 0.997 (`python -m benchmarks.probes search-cold`).
+            # (caches evicted) reads half the bytes from memory (docs/performance.md, D8).
             base = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
         base.hnsw.efConstruction = params.get("ef_construction", 80)
         base.hnsw.efSearch = params.get("ef_search", 64)

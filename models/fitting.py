@@ -119,8 +119,8 @@ def _epoch_logger(state: Path, upper: keras.Model, patience: int) -> keras.callb
 def _trainable_copy(arch: Architecture, opts: TrainOptions, n_classes: int, settings: Settings) -> keras.Model:
     """The model whose upper part is fitted: ``arch.model`` itself, or a bfloat16 twin.
 
-    With ``mixed_precision`` the twin computes in bfloat16 (about 1.5x faster on CPUs with
-    AVX512-BF16) but keeps float32 variables; its weights are copied back into the float32
+    With ``mixed_precision`` the twin computes in bfloat16 (faster on CPUs with AVX512-BF16
+    or AMX) but keeps float32 variables; its weights are copied back into the float32
     model afterwards, so the saved model, the feature cache and the service stay float32.
     """
     import keras

@@ -178,8 +178,7 @@ class FrozenForward:
     Why: TensorFlow's oneDNN convolutions convert their weights to oneDNN's blocked layout
     on every call when the weights are variables, but only once when they are constants.
     That conversion is a fixed cost per call, which batch-1 calls and small micro-batches pay
-    in full (ResNet50 128 px: batch 1 26 -> 21 ms, batch 8 15.2 -> 13.3 ms per image;
-    docs/performance.md). Outputs match the variable graph to float rounding
+    in full (docs/performance.md, D1). Outputs match the variable graph to float rounding
     (test_frozen_graph_matches_keras).
     """
 
@@ -191,8 +190,7 @@ class FrozenForward:
         # Called through a tf.function with the original input signature, not directly: the
         # converted function has no structured signature, so each direct call first failed to
         # bind, formatted the whole input tensor into an error message, discarded it and fell
-        # back to the flat signature. That took 0.45 ms at batch 1 and 2.5 ms at batch 8, with
-        # the GIL held (py-spy --gil of the service; docs/performance.md, seventh session).
+        # back to the flat signature, with the GIL held (docs/performance.md, D1).
         graph = self.graph
         self._call = tf.function(lambda x: graph(x), input_signature=forward.input_signature)
 

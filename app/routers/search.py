@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.batching import Result
@@ -41,18 +41,34 @@ ModelName = Annotated[
 
 
 @dataclass
+class SearchForm:
+    """The multipart form of a search: the image, k and the model."""
+
+    file: UploadFile
+    k: int
+    model: str | None
+
+
+async def _search_form(file: ImageFile, k: K = 5, model: ModelName = None) -> SearchForm:
+    return SearchForm(file, k, model)
+
+
+Search = Annotated[SearchForm, Depends(_search_form)]
+
+
+@dataclass
 class Stages:
     """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
 
-    start: float
-    read: float = 0.0  # the upload is read
+    start: float  # the request arrived (before FastAPI parsed its form)
+    read: float = 0.0  # the form is parsed and the upload read
     decoded: float = 0.0  # the image is the model's input
 
 
 def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
     """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
 
-    parse: reading the upload; decode: the image to the model's input; queue: waiting for
+    parse: parsing the form and reading the upload; decode: the image to the model's input; queue: waiting for
     a model call; infer: that call (forward pass and search), shared by its whole batch;
     total: as ``took_ms``.
     """
@@ -70,8 +86,7 @@ async def _run(
     request: Request, file: UploadFile, k: int, model: str | None, registry: Registry, settings: Settings
 ) -> tuple[LoadedModel, Result, Stages]:
     """Decode the upload and submit it to the model's batcher; the model is resolved once."""
-    # FastAPI has parsed the form by now; the time it took is in the client's latency, not here.
-    stages = Stages(time.perf_counter())
+    stages = Stages(getattr(request.state, "start", None) or time.perf_counter())  # set as the request arrived
     if k > settings.max_k:
         raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
     loaded = registry.get(model)  # a model switch mid-request does not affect this request
@@ -125,17 +140,11 @@ def _took_ms(response: Response, stages: Stages, result: Result) -> float:
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Top-k similar indexed images")
 async def search(
-    request: Request,
-    response: Response,
-    file: ImageFile,
-    registry: Registry,
-    settings: Settings,
-    k: K = 5,
-    model: ModelName = None,
+    request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> SearchResponse:
-    loaded, result, stages = await _run(request, file, k, model, registry, settings)
+    loaded, result, stages = await _run(request, form.file, form.k, form.model, registry, settings)
     took = _took_ms(response, stages, result)
-    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, k))
+    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, form.k))
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Predicted class + neighbour vote")
@@ -159,18 +168,12 @@ async def classify(
     summary="Classification and top-k search from one forward pass",
 )
 async def analyze(
-    request: Request,
-    response: Response,
-    file: ImageFile,
-    registry: Registry,
-    settings: Settings,
-    k: K = 5,
-    model: ModelName = None,
+    request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> AnalyzeResponse:
-    loaded, result, stages = await _run(request, file, k, model, registry, settings)
+    loaded, result, stages = await _run(request, form.file, form.k, form.model, registry, settings)
     return AnalyzeResponse(
         model=loaded.name,
         took_ms=_took_ms(response, stages, result),
         prediction=_prediction(loaded, result),
-        results=_neighbours(loaded, result, k),
+        results=_neighbours(loaded, result, form.k),
     )

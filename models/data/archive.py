@@ -81,9 +81,9 @@ class ArchiveReader:
     """Streams payloads out of a tar(.gz) in one sequential pass per call.
 
     Why streaming rather than caching every member on open: a .tar.gz has no
-    index, so random access means re-decompressing from the start; one pass
-    per ``iter_raw`` call costs about a second for CIFAR-10 (19 MB gz, 55 MB
-    of JPEGs) while keeping memory bounded for archives of any size.  Items
+    index, so random access means re-decompressing from the start; one
+    sequential pass per ``iter_raw`` call keeps memory bounded for archives of
+    any size.  Items
     are yielded as soon as they are due; only members that arrive before
     their turn are buffered (none when the requested order follows the
     archive order, as dataset order usually does within a split), and the
