@@ -107,7 +107,7 @@ container-check:
 # docs/benchmarks.json; `make bench BENCH_ARGS=` measures it too.
 BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10
 BENCH_INDEXES ?= indexes/resnet50-cifar10-hnsw16 indexes/vgg16-cifar10-hnsw16
-BENCH_ARGS ?= --skip faiss --keep docs/benchmarks.json
+BENCH_ARGS ?= --skip faiss --keep docs/benchmarks.json --requests 1000
 .PHONY: bench
 bench: venv
 	$(BIN)/python -m benchmarks.run_all \
