@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data/cifar10-jpg.tar.gz
+DATA ?=
 OUT ?= out
 DEMO ?= $(OUT)/demo
 HOST ?= 127.0.0.1
@@ -20,16 +20,14 @@ $(BIN)/imgsim: pyproject.toml
 
 venv: $(BIN)/imgsim
 
-# The demo: ImageNet weights -> fine-tune ResNet50 on a CIFAR-10 sample -> index -> serve.
-# Steps whose output exists are skipped, so a second `make demo` starts serving at once.
+# The demo. `make demo`: CIFAR-10 (../shared/data, else Keras' download), a fine-tuned ResNet50,
+# its index, the service. `make demo DATA=~/photos`: your own folder of images, ImageNet
+# features (no training), its index, the service. Steps whose output exists are skipped.
 demo: demo-build
-	$(BIN)/imgsim serve --model $(DEMO)/resnet50-demo --index $(DEMO)/resnet50-demo-index --host $(HOST) --port $(PORT)
+	$(BIN)/imgsim serve --model $$(cut -d' ' -f1 $(DEMO)/serve) --index $$(cut -d' ' -f2 $(DEMO)/serve) --host $(HOST) --port $(PORT)
 
 demo-build: venv
-	$(BIN)/imgsim weights --quiet
-	test -f $(DEMO)/resnet50-demo/manifest.json || $(BIN)/imgsim train --backbone resnet50 --data $(DATA) \
-	  --out $(DEMO)/resnet50-demo --input-size 64 --trainable frozen --max-per-class 500 --epochs 15 --patience 3
-	test -f $(DEMO)/resnet50-demo-index/manifest.json || $(BIN)/imgsim index build --model $(DEMO)/resnet50-demo --data $(DATA) --out $(DEMO)/resnet50-demo-index
+	bash scripts/demo-build.sh $(BIN) $(DEMO) "$(DATA)"
 
 # Start the demo service in the background, wait for /readyz, search with a test photo, stop.
 demo-check: demo-build

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Result:
     batch_size: int
     infer_seconds: float  # the model call this request rode in: hand-off, forward pass, search, hand-back
     queue_seconds: float = 0.0  # from submit to the start of that call
+    context: Any = None  # what the batch function returned after (emb, probs, scores, ids), e.g. its index
 
 
 @dataclass
@@ -54,7 +56,7 @@ class _Request:
     queued_at: float  # time.perf_counter(): uvloop's loop.time() ticks in whole milliseconds
 
 
-BatchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+BatchFn = Callable[[np.ndarray, int], tuple]  # (embeddings, probs, scores, ids[, context])
 
 
 def batch_limit(max_batch: int, streams: int, in_flight: int, queued: int) -> int:
@@ -199,16 +201,20 @@ class MicroBatcher:
         k = max(r.k for r in batch)
         start = time.perf_counter()
         try:
-            emb, probs, scores, ids = await loop.run_in_executor(self._executor, self._run_batch, images, k)
+            out = await loop.run_in_executor(self._executor, self._run_batch, images, k)
         except Exception as exc:  # every waiting request learns what went wrong
             for r in batch:
                 if not r.future.done():
                     r.future.set_exception(exc)
             return
         took = time.perf_counter() - start
+        emb, probs, scores, ids = out[:4]
+        context = out[4] if len(out) > 4 else None
         if self._on_batch is not None:
             self._on_batch(len(batch), took)
         for i, r in enumerate(batch):
             if not r.future.done():
                 waited = start - r.queued_at
-                r.future.set_result(Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took, waited))
+                r.future.set_result(
+                    Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took, waited, context)
+                )

@@ -42,6 +42,12 @@ class ServiceSettings(Settings):
         description="Model calls that may run at once per model, sharing max_batch_size images: two "
         "concurrent batches keep the cores busier than one (see app/batching.py).",
     )
+    reload_seconds: float = Field(
+        2.0,
+        ge=0.0,
+        description="How often the service checks its indexes for a new version (after `imgsim index sync`, "
+        "`build` or `add`) and swaps it in without a restart; 0 = only on POST /v1/models/reload.",
+    )
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, le=1024, description="Largest k a search may ask for.")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from functools import partial
 
 import numpy as np
@@ -12,9 +14,10 @@ import numpy as np
 from app.batching import MicroBatcher
 from app.config import ModelPair, ServiceSettings
 from indexer.store import IndexStore
+from indexer.versions import current_version
 from models.errors import BadInput, NotFound, NotReady
 from models.inference import Embedder, load_trained
-from models.manifests import ModelManifest, model_identity
+from models.manifests import ModelIdentity, ModelManifest, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +28,41 @@ class LoadedModel:
     embedder: Embedder
     store: IndexStore
     batcher: MicroBatcher
+    index_dir: Path
+    identity: ModelIdentity
 
     @property
     def manifest(self) -> ModelManifest:
         return self.embedder.trained.manifest
 
-    def run_batch(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One forward pass and one FAISS search for a whole batch (runs in the model's thread)."""
-        emb, probs = self.embedder.embed(images, self.store.manifest.tta)
-        scores, ids = self.store.search(emb, k)
-        return emb, probs, scores, ids
+    def run_batch(
+        self, images: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, IndexStore]:
+        """One forward pass and one FAISS search for a whole batch (runs in the model's thread).
+
+        The store is read once: the batch, and the answers built from it, use one index version
+        even if a newer one is swapped in meanwhile.
+        """
+        store = self.store
+        emb, probs = self.embedder.embed(images, store.manifest.tta)
+        scores, ids = store.search(emb, k)
+        return emb, probs, scores, ids, store
+
+    def reload_if_changed(self) -> bool:
+        """Swap in the index's current version if it is not the one loaded (runs in a thread).
+
+        The new version is opened and checked completely before one reference assignment
+        makes it the store: requests never see a half-loaded index. The old one is closed
+        by the garbage collector once the last request using it has finished.
+        """
+        if current_version(self.index_dir) == self.store.path:
+            return False
+        fresh = IndexStore.open(self.index_dir, expect_model=self.identity)
+        fresh.labels_and_keys([])  # load the label map now, not in the first request
+        self.store = fresh
+        log.info("model %s: index %s is now version %s (%d items)", self.name, self.index_dir, fresh.path.name,
+                 fresh.index.ntotal)  # fmt: skip
+        return True
 
 
 def _set_faiss_threads(n: int) -> None:
@@ -77,6 +105,7 @@ class ModelRegistry:
         self._active: str | None = None
         self._lock = threading.Lock()
         self.device = "unknown"
+        self._watcher: asyncio.Task[None] | None = None
         self.on_batch = None  # set by the app: (model name, batch size, seconds) -> None
 
     def load(self, pair: ModelPair) -> LoadedModel:
@@ -84,7 +113,8 @@ class ModelRegistry:
         name = pair.name or trained.name
         if name in self.models:
             raise BadInput(f"two models are named {name!r}; give them distinct names")
-        store = IndexStore.open(pair.index, expect_model=model_identity(trained.path, trained.manifest))
+        identity = model_identity(trained.path, trained.manifest)
+        store = IndexStore.open(pair.index, expect_model=identity)
         embedder = Embedder(trained)
         size = embedder.input_size
         embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request
@@ -94,7 +124,7 @@ class ModelRegistry:
                 self.on_batch(name, n, seconds)
 
         s = self.settings
-        loaded = LoadedModel(name, embedder, store, None)  # type: ignore[arg-type]
+        loaded = LoadedModel(name, embedder, store, None, pair.index, identity)  # type: ignore[arg-type]
         loaded.batcher = MicroBatcher(
             loaded.run_batch,
             s.max_batch_size,
@@ -140,8 +170,27 @@ class ModelRegistry:
     def start(self) -> None:
         for m in self.models.values():
             m.batcher.start()
+        if self.settings.reload_seconds > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def reload(self) -> dict[str, str]:
+        """Swap in every index's current version; model name -> the version now served."""
+        for m in self.models.values():
+            await asyncio.to_thread(m.reload_if_changed)
+        return {name: m.store.path.name for name, m in self.models.items()}
+
+    async def _watch(self) -> None:
+        """Follow the indexes: a sync or rebuild publishes a new version, this swaps it in."""
+        while True:
+            await asyncio.sleep(self.settings.reload_seconds)
+            try:
+                await self.reload()
+            except Exception as exc:  # noqa: BLE001 - keep serving the version we have
+                log.warning("index reload failed, still serving the loaded version: %s", exc)
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for m in self.models.values():
             await m.batcher.stop()
             m.store.close()

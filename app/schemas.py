@@ -11,11 +11,18 @@ class Neighbour(BaseModel):
     id: int = Field(description="Item id in the model's index (stable across index updates).")
     score: float = Field(description="Cosine similarity to the query, -1..1.")
     label: str | None = Field(description="Class of the indexed image (null when unknown).")
+    key: str = Field("", description="The image's path in its collection (relative to the indexed folder).")
     url: str = Field(description="Where to fetch the image.")
 
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"id": 4711, "score": 0.93, "label": "cat", "url": "/v1/images/4711?model=resnet50"}
+            "example": {
+                "id": 4711,
+                "score": 0.93,
+                "label": "cat",
+                "key": "train/cat/0042.jpg",
+                "url": "/v1/images/4711?model=resnet50",
+            }
         }
     )
 
@@ -74,7 +81,7 @@ class ClassifyResponse(BaseModel):
 class AnalyzeResponse(BaseModel):
     model: str
     took_ms: float
-    prediction: Prediction
+    prediction: Prediction | None = Field(description="Null for a model without a classifier (ImageNet features).")
     results: list[Neighbour]
 
 
@@ -85,8 +92,10 @@ class ModelInfo(BaseModel):
     input_size: int
     classes: list[str]
     embedding_dim: int
+    has_classifier: bool = Field(description="False for ImageNet features without a classifier: classify answers 409.")
     index_size: int
     index_type: str
+    index_version: str = Field("", description="The index version served (a new one is swapped in after a sync).")
     tta: str = Field(
         "none",
         description="Test-time augmentation of the index: 'flip' embeds each image together with its mirror image.",
@@ -97,6 +106,10 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     active: str
     models: list[ModelInfo]
+
+
+class ReloadResponse(BaseModel):
+    versions: dict[str, str] = Field(description="Model name -> the index version it now serves.")
 
 
 class ActivateRequest(BaseModel):
@@ -126,6 +139,7 @@ _ERROR_DESCRIPTIONS = {
     401: "An API key is configured and the request has none (header X-API-Key)",
     403: "Wrong API key",
     404: "Unknown model or item",
+    409: "The model has no classifier (classify); search still works",
     410: "The item's image can no longer be read from its source",
     413: "Upload too large or too many pixels",
     415: "Not a supported image or content type",

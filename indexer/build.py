@@ -20,13 +20,14 @@ from indexer.store import (
     insert_items,
     l2_normalise,
     new_faiss_index,
+    set_skipped,
     write_index_files,
-    writing,
 )
+from indexer.versions import new_version
 from models.data import Dataset, Item, SkipCounter
 from models.errors import ImgsimError
 from models.inference import Embedder, TrainedModel, check_tta, load_trained, open_as_trained
-from models.manifests import IndexDataset, IndexManifest, model_identity
+from models.manifests import IndexDataset, IndexManifest, model_identity, now_utc
 from models.settings import Settings, get_settings
 
 INDEXED_SPLITS = ("train", "val")
@@ -64,21 +65,15 @@ def _describe(raw: bytes | np.ndarray | None) -> tuple[str, int | None, int | No
 
 
 def _item_rows(dataset: Dataset, items: Sequence[Item], first_id: int, store_bytes: bool) -> dict[str, tuple]:
+    """key -> the item's row (COLUMNS of indexer.store), ids from ``first_id`` in dataset order."""
     rows: dict[str, tuple] = {}
+    added = now_utc()
     for n, (item, raw) in enumerate(dataset.iter_raw(items)):
         sha, w, h, data = _describe(raw)
-        rows[item.key] = (
-            first_id + n,
-            item.key,
-            dataset.spec,
-            item.label,
-            dataset.class_names[item.label],
-            item.split,
-            sha,
-            w,
-            h,
-            data if store_bytes else None,
-        )
+        name = dataset.class_names[item.label] if item.label >= 0 else None
+        size, mtime = dataset.file_stats.get(item.key, (None, None))
+        rows[item.key] = (first_id + n, item.key, dataset.spec, item.label, name, item.split, sha, w, h,
+                          data if store_bytes else None, size, mtime, added)  # fmt: skip
     return rows
 
 
@@ -95,10 +90,14 @@ def build_index(
     batch_size: int = 32,
     use_cache: bool = True,
     tta: str = "none",
+    labels: str = "auto",
     settings: Settings | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Embed the train and validation images of ``data`` and write INDEX_DIR atomically.
+
+    ``model_dir``: a MODEL_DIR or a backbone name (ImageNet features, no training). An
+    unlabelled tree (``labels``, see :func:`models.data.open_dataset`) is indexed whole.
 
     ``tta="flip"`` indexes each image by its own embedding plus its mirror image's; the
     manifest records it, so queries (``evaluate``, the service) are embedded the same way.
@@ -110,8 +109,8 @@ def build_index(
     start = time.perf_counter()
     trained = load_trained(model_dir)
     # The model's own split by default, so the training feature cache can be reused.
-    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class)
-    if dataset.class_names != trained.manifest.class_names:
+    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
+    if dataset.labelled and trained.manifest.training and dataset.class_names != trained.manifest.class_names:
         raise ImgsimError(
             f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
         )
@@ -134,16 +133,20 @@ def build_index(
     manifest = _manifest(
         trained, dataset, spec, index, index_type, params or {}, embedded.path_taken, tta, store_bytes, ids
     )
-    _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest)
+    skipped = [(i.key, *dataset.file_stats.get(i.key, (None, None)), why) for i, why in embedded.skipped.skipped]
+    _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest, spec, skipped)
     seconds = time.perf_counter() - start
     return BuildReport(len(ids), embedded.path_taken, seconds, embed_seconds, embedded.skipped, embedded.notes)
 
 
-def _write(out: Path, rows: list[tuple], index: faiss.Index, manifest: IndexManifest) -> None:
-    """INDEX_DIR in a temporary sibling, renamed into place when complete."""
-    with writing(out) as tmp:
+def _write(
+    out: Path, rows: list[tuple], index: faiss.Index, manifest: IndexManifest, source: str, skipped: list[tuple]
+) -> None:
+    """The first version of INDEX_DIR (or a new one replacing it), published when complete."""
+    with new_version(out) as tmp:
         db = create_items_db(tmp / "items.sqlite")
         insert_items(db, rows)
+        set_skipped(db, source, skipped, [])
         db.commit()
         db.close()
         write_index_files(tmp, index, manifest)
@@ -174,6 +177,8 @@ def _manifest(
             splits=list(INDEXED_SPLITS),
             class_names=dataset.class_names,
             images_stored=store_bytes,
+            labels="folders" if dataset.labelled else "none",
+            **dataset.options,
         ),
         index_type=index_type,  # type: ignore[arg-type]
         index_params=params,

@@ -11,11 +11,11 @@ import faiss
 import numpy as np
 
 from indexer.embedding import embed_split
-from models.manifests import model_identity
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import IndexStore, all_vectors, l2_normalise
 from models.errors import ImgsimError
 from models.inference import Embedder, load_trained, open_as_trained
+from models.manifests import model_identity
 from models.settings import Settings, get_settings
 
 K_MAX = 10
@@ -46,12 +46,13 @@ def evaluate(
     val_fraction: float | None = None,
     seed: int | None = None,
     max_per_class: int | None = None,
+    labels: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics dict (JSON-ready) and the raw per-query arrays (for plots)."""
     settings = settings or get_settings()
     trained = load_trained(model_dir)
     store = IndexStore.open(index_dir, expect_model=model_identity(trained.path, trained.manifest))
-    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class)
+    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
     if dataset.class_names != store.manifest.dataset.class_names:
         raise ImgsimError("the dataset's classes differ from the index's")
     if split not in dataset.splits():
@@ -105,8 +106,13 @@ def _per_query(
         "precision_at_10": precision_at_k(rel, 10),
         "map_at_5": average_precision_at_k(rel, 5, n_rel),
         "knn_accuracy": (knn_vote(retrieved, scores, n_classes, 5) == labels).astype(float),
-        "classifier_accuracy": (probs.argmax(axis=1) == labels).astype(float),
+        # A model without a classifier of these classes (ImageNet features) has no accuracy.
+        **({"classifier_accuracy": (probs.argmax(1) == labels).astype(float)} if probs.shape[1] == n_classes else {}),
     }
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -115,7 +121,7 @@ def format_summary(r: dict[str, Any]) -> str:
         f"({r['index_type']} index{', flip TTA' if r.get('tta', 'none') == 'flip' else ''}):",
         f"  precision@1 {r['precision_at_1']:.4f}  precision@5 {r['precision_at_5']:.4f}  "
         f"precision@10 {r['precision_at_10']:.4f}  mAP@5 {r['map_at_5']:.4f}",
-        f"  kNN accuracy (top-5 vote) {r['knn_accuracy']:.4f}  classifier accuracy {r['classifier_accuracy']:.4f}",
+        f"  kNN accuracy (top-5 vote) {r['knn_accuracy']:.4f}  classifier accuracy {_f(r.get('classifier_accuracy'))}",
     ]
     if "recall_at_5_vs_exact" in r:
         lines.append(f"  recall@5 vs exact search {r['recall_at_5_vs_exact']:.4f}")
@@ -124,7 +130,7 @@ def format_summary(r: dict[str, Any]) -> str:
     for c in r["per_class"]:
         lines.append(
             f"  {c['class']:<{width}}{c['n_queries']:>8}{c['precision_at_5']:>8.4f}{c['map_at_5']:>8.4f}"
-            f"{c['knn_accuracy']:>8.4f}{c['classifier_accuracy']:>8.4f}"
+            f"{c['knn_accuracy']:>8.4f}{_f(c.get('classifier_accuracy')):>8}"
         )
     return "\n".join(lines)
 

@@ -1,9 +1,9 @@
 """An index directory: FAISS inner-product index + SQLite item table + manifest.
 
 Vectors are L2-normalised before they enter the index, so inner product = cosine.
-Ids are ours (FAISS ``IndexIDMap2``), so they survive removals. Every write goes to a
-temporary sibling directory that replaces the old one only when complete: an
-interrupted build or update leaves the previous index intact.
+Ids are ours (FAISS ``IndexIDMap2``), so they survive removals. Every write makes a new
+version of the directory, published atomically (:mod:`indexer.versions`): an interrupted
+build or update leaves the previous index intact.
 
 Layout of INDEX_DIR::
 
@@ -14,12 +14,8 @@ Layout of INDEX_DIR::
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexer.versions import current_version
 from models.errors import ImgsimError
 from models.manifests import MANIFEST_FILE, IndexManifest, ModelIdentity, read_index_manifest, write_manifest
 
@@ -46,10 +43,25 @@ CREATE TABLE items (
     sha256 TEXT NOT NULL,
     width INTEGER,
     height INTEGER,
-    image BLOB                  -- encoded bytes when the source cannot serve single files fast
+    image BLOB,                 -- encoded bytes when the source cannot serve single files fast
+    file_size INTEGER,          -- size and mtime of the source file when indexed (sync compares them)
+    mtime_ns INTEGER,
+    added TEXT,                 -- when the item was added (ISO 8601, UTC)
+    meta TEXT                   -- the user's JSON metadata object
 );
 CREATE INDEX items_sha256 ON items(sha256);
 """
+# Files of the folder that could not be read as images, with the stat they had: a sync
+# leaves them alone until they change, instead of trying them again every time.
+_SKIPPED = """
+CREATE TABLE IF NOT EXISTS skipped (
+    key TEXT NOT NULL, source TEXT NOT NULL, file_size INTEGER, mtime_ns INTEGER, reason TEXT,
+    PRIMARY KEY (source, key)
+);
+"""
+COLUMNS = ("id", "key", "source", "label", "label_name", "split", "sha256", "width", "height", "image",
+           "file_size", "mtime_ns", "added", "meta")  # fmt: skip
+_ADDED_LATER = {"file_size": "INTEGER", "mtime_ns": "INTEGER", "added": "TEXT", "meta": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -124,13 +136,13 @@ class IndexStore:
         self.index = index
         self.manifest = manifest
         self._db = sqlite3.connect(self.path / ITEMS_FILE, check_same_thread=False)
-        self._names: dict[int, str | None] | None = None
+        self._names: dict[int, tuple[str | None, str]] | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
     def open(cls, path: Path, expect_model: ModelIdentity | None = None) -> IndexStore:
         """Open and cross-check manifest, FAISS index and item table (and the model, if given)."""
-        path = Path(path)
+        path = current_version(path)  # one version: a swap while we read does not mix two
         for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
             if not (path / name).is_file():
                 raise ImgsimError(f"{path} is not an index directory ({name} missing); build one with `imgsim index`")
@@ -189,15 +201,18 @@ class IndexStore:
         lookup = np.array([rows[i].label if i in rows else -1 for i in flat.tolist()], dtype=np.int64)
         return lookup.reshape(ids.shape)
 
-    def label_names(self, ids: Sequence[int]) -> list[str | None]:
-        """Label names of ids from an in-memory map loaded on first use.
+    def labels_and_keys(self, ids: Sequence[int]) -> list[tuple[str | None, str]]:
+        """(label name, key) of ids from an in-memory map loaded on first use.
 
         For the service's hot path: a read-only store answers from memory instead of a
         SQLite query per request. Writers use a fresh store, so the map never goes stale.
         """
         if self._names is None:
-            self._names = dict(self._db.execute("SELECT id, label_name FROM items"))
-        return [self._names.get(int(i)) for i in ids]
+            self._names = {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT id, label_name, key FROM items")}
+        return [self._names.get(int(i), (None, "")) for i in ids]
+
+    def label_names(self, ids: Sequence[int]) -> list[str | None]:
+        return [name for name, _ in self.labels_and_keys(ids)]
 
     def label_counts(self, n_classes: int) -> np.ndarray:
         """Indexed items per label (the R in AP@k)."""
@@ -217,12 +232,15 @@ class IndexStore:
             raise KeyError(item_id)
         return ItemRow(*r[:9]), r[9]
 
-    def existing_hashes(self, hashes: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for chunk in range(0, len(hashes), 900):
-            part = list(hashes[chunk : chunk + 900])
+    def existing_hash_ids(self, hashes: Sequence[str]) -> dict[str, int]:
+        """sha256 -> the (lowest) id of an item with exactly those bytes, for the hashes indexed."""
+        found: dict[str, int] = {}
+        unique = sorted(set(hashes))
+        for chunk in range(0, len(unique), 900):  # SQLite's host-parameter limit
+            part = unique[chunk : chunk + 900]
             q = ",".join("?" * len(part))
-            found.update(r[0] for r in self._db.execute(f"SELECT sha256 FROM items WHERE sha256 IN ({q})", part))
+            sql = f"SELECT sha256, MIN(id) FROM items WHERE sha256 IN ({q}) GROUP BY sha256"
+            found.update(dict(self._db.execute(sql, part)))
         return found
 
     def max_id(self) -> int:
@@ -233,43 +251,34 @@ class IndexStore:
 # --------------------------------------------------------------------- writing
 def create_items_db(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
-    db.executescript(_SCHEMA)
+    db.executescript(_SCHEMA + _SKIPPED)
     return db
 
 
 def insert_items(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: (id, key, source, label, label_name, split, sha256, width, height, image)."""
-    db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    """rows: the first ``len(row)`` of COLUMNS (id, key, source, label, ... image, file_size, ...)."""
+    for n in sorted({len(r) for r in rows}):
+        cols = ", ".join(COLUMNS[:n])
+        db.executemany(f"INSERT INTO items ({cols}) VALUES ({','.join('?' * n)})", [r for r in rows if len(r) == n])
+
+
+def upgrade_items_table(db: sqlite3.Connection) -> None:
+    """Add the columns of later versions to a table written by an earlier one (a copy being written)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    for name, kind in _ADDED_LATER.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
+    db.executescript(_SKIPPED)
+
+
+def set_skipped(
+    db: sqlite3.Connection, source: str, rows: Sequence[tuple[str, int, int, str]], drop: Sequence[str]
+) -> None:
+    """Record unreadable files (key, size, mtime_ns, reason) of ``source``; forget the keys in ``drop``."""
+    db.executemany("DELETE FROM skipped WHERE source = ? AND key = ?", [(source, k) for k in drop])
+    db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?)", [(k, source, *rest) for k, *rest in rows])
 
 
 def write_index_files(directory: Path, index: faiss.Index, manifest: IndexManifest) -> None:
     faiss.write_index(index, str(directory / INDEX_FILE))
     write_manifest(directory, manifest)
-
-
-@contextmanager
-def writing(target: Path, copy_from: Path | None = None) -> Iterator[Path]:
-    """A temporary directory that atomically replaces ``target`` when the block succeeds.
-
-    With ``copy_from``, the temporary directory starts as a copy of it (for updates).
-    On any exception (including Ctrl-C) the temporary directory is removed and
-    ``target`` is untouched.
-    """
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        if copy_from is not None:
-            for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
-                shutil.copy2(Path(copy_from) / name, tmp / name)
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

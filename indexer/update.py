@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,11 @@ from indexer.store import (
     insert_items,
     l2_normalise,
     new_faiss_index,
+    set_skipped,
+    upgrade_items_table,
     write_index_files,
-    writing,
 )
+from indexer.versions import new_version
 from models.data import Item, SkipCounter
 from models.embed import stream_forward
 from models.errors import BadInput, NotFound
@@ -29,17 +31,112 @@ from models.manifests import model_identity, now_utc
 
 
 @dataclass
-class AddReport:
-    added: int
-    duplicates: int
-    skipped: int
-    count: int
+class NewItem:
+    """An embedded item, ready to be added: its row (without an id) and its vector."""
+
+    key: str
+    source: str
+    sha256: str
+    vector: np.ndarray
+    label: int = -1
+    label_name: str | None = None
+    split: str = "added"
+    width: int | None = None
+    height: int | None = None
+    image: bytes | None = None
+    file_size: int | None = None
+    mtime_ns: int | None = None
+    meta: str | None = None
+
+    def row(self, item_id: int, added: str) -> tuple:
+        return (item_id, self.key, self.source, self.label, self.label_name, self.split, self.sha256, self.width,
+                self.height, self.image, self.file_size, self.mtime_ns, added, self.meta)  # fmt: skip
 
 
 @dataclass
-class RemoveReport:
-    removed: int
-    count: int
+class Changes:
+    """What one write did: new ids in the order of the items given, ids removed, the new count."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: dict[str, int] = field(default_factory=dict)  # sha256 -> the id already holding it
+    removed: list[int] = field(default_factory=list)
+    count: int = 0
+
+
+def apply_changes(
+    index_dir: Path,
+    add: Sequence[NewItem] = (),
+    remove: Sequence[int] = (),
+    lock_timeout: float = 0.0,
+    dedupe: bool = True,
+    stats: dict[int, tuple[int, int]] | None = None,
+    skipped: tuple[str, list[tuple], list[str]] | None = None,
+) -> Changes:
+    """Remove ids and add items in one new version of the index: all of it or none of it.
+
+    ``dedupe``: an item whose bytes are already indexed is not added (the existing id is
+    reported); sync turns it off, as its items are files, each at its own path. ``stats``:
+    id -> (size, mtime_ns) to record for unchanged files that were touched. ``skipped``:
+    (source, unreadable files to record, keys to forget), see :func:`indexer.store.set_skipped`.
+
+    The one write path of `imgsim index add/remove/sync` and of the service. Decisions that
+    depend on the index (which ids exist, which bytes are already indexed, the next id) are
+    taken under the index's lock, on the version being written, so concurrent writers
+    cannot lose each other's changes.
+    """
+    out = Changes()
+    with new_version(index_dir, copy_current=True, lock_timeout=lock_timeout) as tmp:
+        store = IndexStore.open(tmp)
+        try:
+            upgrade_items_table(store._db)
+            m = store.manifest
+            present = set(store.rows(remove))
+            if unknown := sorted({int(i) for i in remove} - present):
+                raise NotFound(f"unknown ids: {', '.join(map(str, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}")
+            out.removed = sorted(present)
+            _remove(store, out.removed)
+            known = store.existing_hash_ids([a.sha256 for a in add]) if dedupe else {}
+            fresh = []
+            for item in add:
+                if item.sha256 in known:
+                    out.duplicates[item.sha256] = known[item.sha256]
+                else:
+                    if dedupe:
+                        known[item.sha256] = m.next_id + len(fresh)
+                    fresh.append(item)
+            if fresh:
+                ids = np.arange(m.next_id, m.next_id + len(fresh), dtype=np.int64)
+                store.index.add_with_ids(l2_normalise(np.stack([a.vector for a in fresh])), ids)
+                insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids)])
+                out.added = ids.tolist()
+                m.next_id += len(fresh)
+            sql = "UPDATE items SET file_size = ?, mtime_ns = ? WHERE id = ?"
+            store._db.executemany(sql, [(size, mtime, i) for i, (size, mtime) in (stats or {}).items()])
+            if skipped:
+                set_skipped(store._db, *skipped)
+            store._db.commit()
+            m.count = store.index.ntotal
+            m.updated = now_utc()
+            out.count = m.count
+            write_index_files(tmp, store.index, m)
+        finally:
+            store.close()
+    return out
+
+
+def _remove(store: IndexStore, ids: list[int]) -> None:
+    if not ids:
+        return
+    drop = np.array(ids, dtype=np.int64)
+    m = store.manifest
+    if m.index_type in HNSW_TYPES:  # HNSW graphs cannot delete: rebuild from the stored vectors
+        all_ids, vecs = all_vectors(store.index)
+        keep = ~np.isin(all_ids, drop)
+        store.index = new_faiss_index(m.embedding_dim, m.index_type, m.index_params, vecs[keep])
+        store.index.add_with_ids(vecs[keep], all_ids[keep])
+    else:
+        store.index.remove_ids(drop)
+    store._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
 
 
 def _files(paths: Sequence[Path]) -> list[Path]:
@@ -74,10 +171,18 @@ def _embed_files(embedder: Embedder, files: list[Path], tta: str, progress: bool
     return [Path(k) for k in keys], vectors, skipped.total
 
 
+@dataclass
+class AddReport:
+    added: int
+    duplicates: int
+    skipped: int
+    count: int
+
+
 def add_images(index_dir: Path, paths: Sequence[Path], label: str | None = None, progress: bool = True) -> AddReport:
     """Embed image files and append them; exact duplicates (same bytes) are skipped."""
     with closing(IndexStore.open(index_dir)) as store:
-        manifest = store.manifest.model_copy(deep=True)
+        manifest = store.manifest
         trained = load_trained(Path(manifest.model.path))
         store.check(model_identity(trained.path, trained.manifest))
         class_names = manifest.dataset.class_names
@@ -85,62 +190,26 @@ def add_images(index_dir: Path, paths: Sequence[Path], label: str | None = None,
             raise BadInput(f"unknown label {label!r}; the index's classes are: {', '.join(class_names)}")
         files = _files(paths)
         hashes = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-        known = store.existing_hashes(list(set(hashes.values())))
-    fresh: dict[str, Path] = {}
-    for f, h in hashes.items():
-        if h not in known and h not in fresh:
-            fresh[h] = f
-    duplicates = len(files) - len(fresh)
+        known = store.existing_hash_ids(list(set(hashes.values())))
+    fresh = {h: f for f, h in reversed(hashes.items()) if h not in known}  # the first file of equal ones
     if not fresh:
-        return AddReport(0, duplicates, 0, manifest.count)
-    read, vectors, skipped = _embed_files(Embedder(trained), list(fresh.values()), manifest.tta, progress)
+        return AddReport(0, len(files), 0, manifest.count)
+    read, vectors, skipped = _embed_files(Embedder(trained), sorted(fresh.values()), manifest.tta, progress)
     label_id = class_names.index(label) if label is not None else -1
-    rows = []
-    for item_id, f in enumerate(read, start=manifest.next_id):
+    items = []
+    for f, vector in zip(read, vectors):
         with Image.open(f) as img:
             w, h = img.size
-        rows.append((item_id, f.name, str(f.resolve()), label_id, label, "added", hashes[f], w, h, None))
-    if rows:
-        with writing(index_dir, copy_from=index_dir) as tmp:
-            updated = IndexStore.open(tmp)
-            updated.index.add_with_ids(l2_normalise(vectors), np.array([r[0] for r in rows], dtype=np.int64))
-            insert_items(updated._db, rows)
-            updated._db.commit()
-            manifest.count += len(rows)
-            manifest.next_id += len(rows)
-            manifest.updated = now_utc()
-            updated.close()
-            write_index_files(tmp, updated.index, manifest)
-    return AddReport(len(rows), duplicates, skipped, manifest.count)
+        st = f.stat()
+        items.append(NewItem(f.name, str(f.resolve()), hashes[f], vector, label_id, label, width=w, height=h,
+                             file_size=st.st_size, mtime_ns=st.st_mtime_ns))  # fmt: skip
+    changes = apply_changes(index_dir, add=items) if items else Changes(count=manifest.count)
+    return AddReport(len(changes.added), len(files) - len(changes.added) - skipped, skipped, changes.count)
 
 
-def remove_ids(index_dir: Path, ids: Sequence[int]) -> RemoveReport:
+def remove_ids(index_dir: Path, ids: Sequence[int]) -> Changes:
     """Remove items by id; unknown ids are refused, other ids never change."""
-    with closing(IndexStore.open(index_dir)) as store:
-        manifest = store.manifest.model_copy(deep=True)
-        present = set(store.rows(ids))
-    unknown = sorted(set(int(i) for i in ids) - present)
-    if unknown:
-        raise NotFound(f"unknown ids: {', '.join(map(str, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}")
-    drop = np.array(sorted(present), dtype=np.int64)
-    with writing(index_dir, copy_from=index_dir) as tmp:
-        updated = IndexStore.open(tmp)
-        if manifest.index_type in HNSW_TYPES:  # HNSW graphs cannot delete: rebuild from the stored vectors
-            all_ids, vecs = all_vectors(updated.index)
-            keep = ~np.isin(all_ids, drop)
-            updated.index = new_faiss_index(
-                manifest.embedding_dim, manifest.index_type, manifest.index_params, vecs[keep]
-            )
-            updated.index.add_with_ids(vecs[keep], all_ids[keep])
-        else:
-            updated.index.remove_ids(drop)
-        updated._db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in drop])
-        updated._db.commit()
-        manifest.count -= len(drop)
-        manifest.updated = now_utc()
-        updated.close()
-        write_index_files(tmp, updated.index, manifest)
-    return RemoveReport(len(present), manifest.count)
+    return apply_changes(index_dir, remove=ids)
 
 
 class _FileList:
@@ -150,7 +219,7 @@ class _FileList:
         self.items = [Item(str(f), 0, "added") for f in files]
         self.spec = "files"
 
-    def iter_raw(self, items: Sequence[Item]):
+    def iter_raw(self, items: Sequence[Item]):  # noqa: ANN201
         for item in items:
             try:
                 yield item, Path(item.key).read_bytes()

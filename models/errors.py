@@ -37,6 +37,12 @@ class NotFound(ImgsimError):
     status = 404
 
 
+class Conflict(ImgsimError):
+    """The request does not fit the model or index as it is (e.g. classify on a model without a classifier)."""
+
+    status = 409
+
+
 class Gone(ImgsimError):
     """The item is known but its image can no longer be read from its source."""
 

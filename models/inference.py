@@ -17,6 +17,7 @@ from models.errors import ImgsimError
 from models.features import FeatureSplit, features_key, load_cache
 from models.settings import Settings, get_settings
 from models.manifests import MODEL_FILE, ModelManifest, read_model_manifest
+from models.pretrained import build_pretrained, parse_spec, pretrained_manifest
 
 if TYPE_CHECKING:
     import keras
@@ -33,9 +34,12 @@ class TrainedModel:
         return self.manifest.name
 
 
-def load_trained(model_dir: Path) -> TrainedModel:
+def load_trained(model_dir: Path | str) -> TrainedModel:
+    """A MODEL_DIR from `imgsim train`, or a backbone name (``resnet50``, ``vgg16:128``)."""
     import keras
 
+    if parsed := parse_spec(model_dir):
+        return TrainedModel(Path(str(model_dir)), build_pretrained(*parsed), pretrained_manifest(*parsed))
     manifest = read_model_manifest(model_dir)
     file = Path(model_dir) / MODEL_FILE
     if not file.is_file():
@@ -50,15 +54,18 @@ def open_as_trained(
     val_fraction: float | None = None,
     seed: int | None = None,
     max_per_class: int | None = None,
+    labels: str = "auto",
 ) -> Dataset:
     """``data`` split as the model's training split it (unless overridden), so that its
-    validation images stay out of its test set and the training feature cache applies."""
+    validation images stay out of its test set and the training feature cache applies.
+    A model without training (a backbone name) takes the settings' split."""
     t = manifest.training
     return open_dataset(
         data,
-        val_fraction=t.val_fraction if val_fraction is None else val_fraction,
-        seed=t.seed if seed is None else seed,
-        max_per_class=t.max_per_class if max_per_class is None else max_per_class,
+        val_fraction=t.val_fraction if t and val_fraction is None else val_fraction,
+        seed=t.seed if t and seed is None else seed,
+        max_per_class=t.max_per_class if t and max_per_class is None else max_per_class,
+        labels=labels,
         settings=settings,
     )
 
@@ -215,10 +222,10 @@ class Embedder:
         self.class_names: list[str] = m.class_names
         import tensorflow as tf
 
-        self.model = keras.Model(
-            trained.model.input,
-            [trained.model.get_layer(m.embedding_layer).output, trained.model.output],
-        )
+        self.has_classifier = bool(m.classifier_layer)
+        embedding = trained.model.get_layer(m.embedding_layer).output
+        outputs = [embedding, trained.model.output] if self.has_classifier else embedding
+        self.model = keras.Model(trained.model.input, outputs)
         self._upper: keras.Model | None = None
         # One graph for every batch size: predict_on_batch would retrace per new batch shape,
         # which the service's variable-size micro-batches would hit constantly.
@@ -232,8 +239,13 @@ class Embedder:
             self._forward = FrozenForward(self._forward)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities)."""
-        emb, probs = self._forward(preprocess(batch, self.preprocessing))
+        """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities);
+        C is 0 for a model without a classifier."""
+        out = self._forward(preprocess(batch, self.preprocessing))
+        if not self.has_classifier:
+            emb = out[0] if isinstance(out, list | tuple) else out
+            return emb.numpy().astype(np.float32, copy=False), np.zeros((len(batch), 0), np.float32)
+        emb, probs = out
         return emb.numpy().astype(np.float32, copy=False), probs.numpy().astype(np.float32, copy=False)
 
     def embed(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:

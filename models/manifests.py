@@ -107,9 +107,9 @@ class ModelManifest(_Record):
     classifier_layer: str | None = None
     cut_layer: str | None = None
     feature_cache: str | None = None
-    training: Training
-    dataset: ModelDataset
-    metrics: Metrics
+    training: Training | None = None  # None: ImageNet features used as they are (models/pretrained.py)
+    dataset: ModelDataset | None = None
+    metrics: Metrics | None = None
     created: str = Field(default_factory=now_utc)
     package_version: str = Field(default_factory=package_version)
 
@@ -128,7 +128,7 @@ class ModelIdentity(_Record):
 
     def mismatches(self, other: ModelIdentity) -> list[str]:
         """Fields that make an index built with ``self`` unusable with ``other``."""
-        fields = ("backbone", "embedding_layer", "embedding_dim", "model_sha256")
+        fields = ("backbone", "embedding_layer", "embedding_dim", "model_sha256", "input_size")
         return [
             f"model {f}: index built with {getattr(self, f)!r}, given {getattr(other, f)!r}"
             for f in fields
@@ -143,6 +143,10 @@ class IndexDataset(_Record):
     splits: list[str]
     class_names: list[str]
     images_stored: bool
+    labels: str = "auto"  # how the folder was read (models.data.folder.LABELS); sync reads it the same way
+    val_fraction: float | None = None  # the listing options of the build, for sync
+    seed: int | None = None
+    max_per_class: int | None = None
 
 
 class IndexManifest(_Record):
@@ -169,12 +173,17 @@ class IndexManifest(_Record):
 
 
 def model_identity(model_dir: Path, manifest: ModelManifest) -> ModelIdentity:
-    """The identity of a MODEL_DIR (manifest + model file hash; no Keras needed)."""
+    """The identity of a MODEL_DIR (manifest + model file hash; no Keras needed), or of a
+    backbone name (its ImageNet weights' hash and input size)."""
+    if Path(model_dir).is_dir():
+        path, sha = str(Path(model_dir).resolve()), file_digest(Path(model_dir) / MODEL_FILE)
+    else:
+        path, sha = str(model_dir), f"imagenet:{manifest.weights.sha256 if manifest.weights else '-'}"
     return ModelIdentity(
         name=manifest.name,
-        path=str(Path(model_dir).resolve()),
+        path=path,
         backbone=manifest.backbone,
-        model_sha256=file_digest(Path(model_dir) / MODEL_FILE),
+        model_sha256=sha,
         imagenet_weights_sha256=manifest.weights.sha256 if manifest.weights else None,
         embedding_layer=manifest.embedding_layer,
         embedding_dim=manifest.embedding_dim,

@@ -142,14 +142,17 @@ def train(
 
 def _open_data(opts: TrainOptions, settings: Settings) -> tuple[Dataset, Dataset | None]:
     dataset = open_dataset(
-        opts.data, val_fraction=opts.val_fraction, seed=opts.seed, max_per_class=opts.max_per_class, settings=settings
-    )
+        opts.data, val_fraction=opts.val_fraction, seed=opts.seed, max_per_class=opts.max_per_class,
+        labels="folders", settings=settings,
+    )  # fmt: skip
     counts = dataset.splits()
     if len(dataset.class_names) < 2:
         raise ImgsimError(f"{opts.data}: need at least 2 classes to train, found {dataset.class_names}")
     if not counts.get("train") or not counts.get("val"):
         raise ImgsimError(f"{opts.data}: need train and validation images (have {counts}); check --val-fraction")
-    test_set = open_dataset(opts.test_data, val_fraction=0.0, settings=settings) if opts.test_data else None
+    test_set = None
+    if opts.test_data:
+        test_set = open_dataset(opts.test_data, val_fraction=0.0, labels="folders", settings=settings)
     if test_set and test_set.class_names != dataset.class_names:
         raise ImgsimError(f"--test-data classes {test_set.class_names} differ from {dataset.class_names}")
     return dataset, test_set

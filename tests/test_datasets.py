@@ -473,7 +473,8 @@ def test_spec_errors(tmp_path: Path) -> None:
     (tmp_path / "loose" / "a.png").write_bytes(_png(_noise(8, 8)))
     (tmp_path / "loose" / "emptyclass").mkdir()
     with pytest.raises(ImgsimError, match="no images found"):
-        _open(tmp_path / "loose")
+        open_dataset(tmp_path / "loose", labels="folders")
+    assert [i.key for i in open_dataset(tmp_path / "loose").items] == ["a.png"]  # a flat folder: unlabelled
 
     only_test = _make_flat(tmp_path / "only_test" / "test", per_class=1).parent
     with pytest.raises(ImgsimError, match="no train/"):

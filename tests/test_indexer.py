@@ -26,6 +26,7 @@ from indexer.update import add_images, remove_ids
 from indexer.evaluate import evaluate, exact_recall_at_k
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
+from indexer.versions import store_dir
 from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
 from models.backbones import preprocess
 from models.data import decode_image
@@ -149,8 +150,14 @@ def _snapshot(index_dir: Path) -> Snapshot:
 
 
 def _no_temp_dirs(index_dir: Path) -> None:
-    leftovers = [p.name for p in index_dir.parent.iterdir() if p.name.startswith(f".{index_dir.name}.")]
-    assert leftovers == [], leftovers
+    """Nothing half-written: no temporary siblings, no unfinished version, at most two versions kept."""
+    siblings = [p.name for p in index_dir.parent.iterdir() if p.name.startswith(f".{index_dir.name}.")]
+    assert siblings in ([], [f".{index_dir.name}.imgsim"]), siblings
+    versions = store_dir(index_dir)
+    if versions.is_dir():
+        names = sorted(p.name for p in versions.iterdir())
+        assert not [n for n in names if n.startswith("tmp-")], names
+        assert len([n for n in names if n.startswith("v")]) <= 2, names
 
 
 def _search(index_dir: Path, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -358,7 +365,7 @@ def test_remove_keeps_other_ids_keys_vectors_and_results(env: Env, tmp_path: Pat
 
     drop = [3, 17, 29]  # 29 is the largest id: it must not come back with the next add
     r = remove_ids(out, drop)
-    assert (r.removed, r.count) == (3, 27)
+    assert (r.removed, r.count) == (drop, 27)
     after = _snapshot(out)
     _no_temp_dirs(out)
     assert sorted(after.rows) == sorted(set(range(30)) - set(drop))

@@ -20,10 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pydantic import ValidationError  # noqa: E402
 
 from app.cli import embed, evaluate, index, serve, train, weights  # noqa: E402
-from models.errors import ImgsimError  # noqa: E402
+from models.errors import Busy, ImgsimError  # noqa: E402
 from models.settings import get_settings  # noqa: E402
 
 STAGES = (weights, embed, train, index, evaluate, serve)
+EXIT_BUSY = 75  # EX_TEMPFAIL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     try:
         return func(args)
+    except Busy as exc:  # another writer has the index: a cron job can simply try again
+        print(f"imgsim {command}: busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except ImgsimError as exc:
         print(f"imgsim {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,12 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     spec = get_spec(args.backbone)
     dataset = open_dataset(
-        args.data, val_fraction=args.val_fraction, seed=args.seed, max_per_class=args.max_per_class, settings=settings
+        args.data,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_per_class=args.max_per_class,
+        labels=args.labels,
+        settings=settings,
     )
     items = dataset.select(args.split)
     if not items:

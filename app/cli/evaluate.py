@@ -23,6 +23,7 @@ def evaluate(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         max_per_class=args.max_per_class,
+        labels=args.labels,
     )
     print(format_summary(result))
     if args.json:

@@ -29,6 +29,7 @@ def build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         use_cache=not args.no_cache,
         tta=args.tta,
+        labels=args.labels,
         progress=not args.quiet,
     )
     if report.skipped.total:
@@ -62,7 +63,16 @@ def remove(args: argparse.Namespace) -> int:
     from indexer.update import remove_ids
 
     r = remove_ids(args.index, args.ids)
-    print(f"removed {r.removed} items; index now holds {r.count}")
+    print(f"removed {len(r.removed)} items; index now holds {r.count}")
+    return 0
+
+
+def sync(args: argparse.Namespace) -> int:
+    from indexer.sync import sync_index
+
+    report = sync_index(args.index, args.data, progress=not args.quiet, lock_timeout=args.wait)
+    if not args.quiet:
+        print(report.summary())
     return 0
 
 
@@ -76,10 +86,11 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
         parents=[options.model_dir(), options.data(), options.batch_size(), options.no_cache(), options.quiet()],
-        help="build a FAISS cosine index from a trained model",
-        description="Embed the train and validation images with a trained model's penultimate "
-        "layer, L2-normalise, and write INDEX_DIR (FAISS inner-product index, SQLite item table, "
-        "manifest) atomically.",
+        help="build a FAISS cosine index of a folder of images",
+        description="Embed a folder of images (any tree; of a labelled dataset, its train and validation "
+        "images) with a trained model's embedding layer or a backbone's ImageNet features, L2-normalise, "
+        "and write INDEX_DIR (FAISS inner-product index, SQLite item table, manifest) atomically. "
+        "Example: imgsim index build --model resnet50 --data ~/photos --out ~/photos-index",
     )
     p.add_argument("--out", type=Path, required=True, help="INDEX_DIR to create or replace")
     p.add_argument(
@@ -125,6 +136,24 @@ def _register_remove(sub: argparse._SubParsersAction, name: str, **kwargs: objec
     p.set_defaults(func=remove)
 
 
+def _register_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sync",
+        parents=[_index_dir(), options.quiet()],
+        help="bring an index in step with its folder",
+        description="Rescan the folder the index was built from (or --data DIR): embed new files, drop "
+        "vanished ones, re-embed changed ones (size and time first, then the content hash). Unchanged items "
+        "keep their ids; a sync with nothing to do reads no image. Interrupted, it changes nothing; rerun it. "
+        "Exit codes: 0 done, 2 error (one line on stderr), 75 another process is changing the index "
+        "(try again later). For cron: imgsim index sync --index DIR --quiet",
+    )
+    p.add_argument("--data", default=None, help="the folder (default: the one recorded in the index)")
+    p.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer (default: refuse at once)"
+    )
+    p.set_defaults(func=sync)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
@@ -135,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_build(actions)
     _register_add(actions, "add", help="embed and append image files")
     _register_remove(actions, "remove", help="remove items by id")
+    _register_sync(actions)
     # The old spellings `imgsim index-add` and `imgsim index-remove`, kept as aliases.
     _register_add(sub, "index-add", help="alias of `imgsim index add`")
     _register_remove(sub, "index-remove", help="alias of `imgsim index remove`")

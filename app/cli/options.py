@@ -44,6 +44,13 @@ def data(required: bool = True) -> argparse.ArgumentParser:
         "index and evaluate: the model's)",
     )
     p.add_argument("--seed", type=int, default=None, help=f"seed for splits and sampling (default {s.seed})")
+    p.add_argument(
+        "--labels",
+        choices=("auto", "folders", "none"),
+        default="auto",
+        help="folders: class folders give the labels; none: any tree, unlabelled, keyed by relative path; "
+        "auto (default): folders when the tree looks like class folders",
+    )
     return p
 
 
@@ -71,7 +78,13 @@ def no_cache() -> argparse.ArgumentParser:
     return p
 
 
-def model_dir(help_text: str = "MODEL_DIR from `imgsim train`") -> argparse.ArgumentParser:
+MODEL_HELP = (
+    "MODEL_DIR from `imgsim train`, or a backbone name for ImageNet features without training: "
+    "resnet50, vgg16, optionally with an input size (resnet50:128; default 224)"
+)
+
+
+def model_dir(help_text: str = MODEL_HELP) -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--model", type=Path, required=True, help=help_text)
     return p

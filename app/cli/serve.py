@@ -17,14 +17,16 @@ if TYPE_CHECKING:
 def check_model_pairs(pairs: Sequence[ModelPair]) -> None:
     """Refuse bad model/index pairs with one line before uvicorn starts (no Keras needed)."""
     from indexer.store import IndexStore
-    from models.manifests import model_identity, read_model_manifest
+    from models.manifests import model_identity
+    from models.pretrained import manifest_of, parse_spec
 
     names: set[str] = set()
     for pair in pairs:
-        for path, what in ((pair.model, "model"), (pair.index, "index")):
-            if not path.is_dir():
-                raise NotFound(f"{what} directory not found: {path}")
-        manifest = read_model_manifest(pair.model)
+        if not pair.model.is_dir() and not parse_spec(pair.model):
+            raise NotFound(f"model directory not found: {pair.model} (or name a backbone: resnet50, vgg16)")
+        if not pair.index.is_dir():
+            raise NotFound(f"index directory not found: {pair.index}")
+        manifest = manifest_of(pair.model)
         name = pair.name or manifest.name
         if name in names:
             raise ImgsimError(f"two models are named {name!r}; give them distinct names")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from app.cli import options
+from models.errors import ImgsimError
 from models.settings import get_settings
 
 
@@ -14,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
     from models.train import TrainOptions, train
 
     s = get_settings()
+    if args.labels == "none":
+        raise ImgsimError("training needs labels: give a folder of class folders, or index with --model resnet50")
     fields = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     fields["val_fraction"] = s.val_fraction if args.val_fraction is None else args.val_fraction
     fields["seed"] = s.seed if args.seed is None else args.seed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from app.deps import Registry, require_admin
-from app.schemas import ActivateRequest, ActiveResponse, ModelInfo, ModelsResponse, error_responses
+from app.schemas import ActivateRequest, ActiveResponse, ModelInfo, ModelsResponse, ReloadResponse, error_responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -16,7 +16,11 @@ def list_models(registry: Registry) -> ModelsResponse:
     out = []
     for name, m in registry.models.items():
         man = m.manifest
-        metrics = {k: v for k, v in man.metrics.model_dump().items() if isinstance(v, int | float) or v is None}
+        metrics = {
+            k: v
+            for k, v in (man.metrics.model_dump() if man.metrics else {}).items()
+            if isinstance(v, int | float) or v is None
+        }
         out.append(
             ModelInfo(
                 name=name,
@@ -25,8 +29,10 @@ def list_models(registry: Registry) -> ModelsResponse:
                 input_size=man.input_size,
                 classes=man.class_names,
                 embedding_dim=man.embedding_dim,
+                has_classifier=m.embedder.has_classifier,
                 index_size=m.store.index.ntotal,
                 index_type=m.store.manifest.index_type,
+                index_version=m.store.path.name,
                 tta=m.store.manifest.tta,
                 metrics=metrics,
             )
@@ -46,3 +52,15 @@ def set_active(body: ActivateRequest, request: Request, registry: Registry) -> A
     registry.set_active(body.name)
     request.state.model = body.name
     return ActiveResponse(active=body.name, previous=previous)
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResponse,
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403),
+    summary="Serve the newest version of every index now (admin)",
+)
+async def reload_indexes(registry: Registry) -> ReloadResponse:
+    """The service also checks every IMGSIM_RELOAD_SECONDS; this is for scripts that cannot wait."""
+    return ReloadResponse(versions=await registry.reload())

@@ -24,7 +24,7 @@ from app.schemas import (
     SearchResponse,
     error_responses,
 )
-from models.errors import BadInput, Busy, TooLarge
+from models.errors import BadInput, Busy, Conflict, TooLarge
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
@@ -106,17 +106,19 @@ async def _run(
 
 def _neighbours(loaded: LoadedModel, result: Result, k: int) -> list[Neighbour]:
     ids = [int(i) for i in result.ids[:k] if i >= 0]
-    names = loaded.store.label_names(ids)
+    rows = result.context.labels_and_keys(ids)  # the index version that answered
     return [
-        Neighbour(id=i, score=round(float(s), 6), label=name, url=f"/v1/images/{i}?model={loaded.name}")
-        for i, s, name in zip(ids, result.scores[:k], names)
+        Neighbour(id=i, score=round(float(s), 6), label=name, key=key, url=f"/v1/images/{i}?model={loaded.name}")
+        for i, s, (name, key) in zip(ids, result.scores[:k], rows)
     ]
 
 
-def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction:
+def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction | None:
+    if not loaded.embedder.has_classifier:
+        return None
     names = loaded.embedder.class_names
     order = np.argsort(result.probs)[::-1][:top]
-    voters = [n for n in loaded.store.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
+    voters = [n for n in result.context.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
     votes = Counter(voters)
     vote = None
     if votes:
@@ -147,7 +149,12 @@ async def search(
     return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, form.k))
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Predicted class + neighbour vote")
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(404, 409, 413, 415, 422, 503),
+    summary="Predicted class + neighbour vote",
+)
 async def classify(
     request: Request,
     response: Response,
@@ -156,6 +163,8 @@ async def classify(
     settings: Settings,
     model: ModelName = None,
 ) -> ClassifyResponse:
+    if not registry.get(model).embedder.has_classifier:
+        raise Conflict(f"model {registry.get(model).name!r} has no classifier (ImageNet features); use /v1/search")
     loaded, result, stages = await _run(request, file, VOTE_K, model, registry, settings)
     took = _took_ms(response, stages, result)
     return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, result))

@@ -54,18 +54,21 @@ def open_dataset(
     val_fraction: float | None = None,
     seed: int | None = None,
     max_per_class: int | None = None,
+    labels: str = "auto",
     settings: Settings | None = None,
 ) -> Dataset:
     """List a dataset, carve its validation split and fingerprint it.
 
     Accepted ``spec`` forms:
 
-    * a folder ``root/<class>/...`` or ``root/{train,val,test}/<class>/...``
-      (``train`` required in the split layout).  Files are taken recursively
-      below each class folder; hidden files/folders (``.*``) are ignored, and
-      so are loose files that are not inside a class folder.  Every other
-      file is kept: non-images are detected (and skipped) at decode time.
-      Class folders without any file do not become classes.
+    * any folder of images. ``labels="folders"`` (or "auto" on a class-folder layout, see
+      :func:`models.data.folder.looks_like_class_folders`) reads classes from
+      ``root/<class>/...`` or ``root/{train,val,test}/<class>/...``; ``labels="none"``
+      (or "auto" on any other tree) keeps every file, unlabelled, in split "train".
+      Hidden files and folders (``.*``) are ignored; symbolic links to folders are
+      followed once. Every other file is kept: non-images are detected (and skipped)
+      at decode time. With class folders, loose files outside them are ignored and
+      ``train`` is required in the split layout.
     * a tar archive (``.tar``, ``.tar.gz``, ``.tgz``, also bz2/xz) of such a
       folder, optionally with ``./`` prefixes or one top-level folder.
     * ``fashion-mnist``, ``fashion-mnist:DIR`` or any folder holding
@@ -87,7 +90,7 @@ def open_dataset(
     options = Options(val_fraction=val_fraction, seed=seed, max_per_class=max_per_class)
 
     text = str(spec)
-    source = _list_source(text, settings)
+    source = _list_source(text, settings, labels)
     class_names, items = assign_splits(source.records, source.class_names, options)
     fingerprint = fingerprint_items(source.kind, source.identity, class_names, items, source.sizes, options)
     return Dataset(
@@ -97,10 +100,12 @@ def open_dataset(
         items=items,
         fingerprint=fingerprint,
         _reader=source.reader,
+        file_stats={k: (source.sizes[k], m) for k, m in source.mtimes.items()},
+        options={"val_fraction": val_fraction, "seed": seed, "max_per_class": max_per_class},
     )
 
 
-def _list_source(text: str, settings: Settings) -> Source:
+def _list_source(text: str, settings: Settings, labels: str) -> Source:
     """The source a spec names: its kind decides the module that lists it."""
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
         directory = text.partition(":")[2] or str(settings.fashion_mnist_dir)
@@ -112,7 +117,7 @@ def _list_source(text: str, settings: Settings) -> Source:
     if not path.exists():
         raise NotFound(f"dataset not found: {path}")
     if path.is_dir():
-        return list_idx(path) if find_idx_file(path, IDX_FILES["train"][0]) is not None else list_folder(path)
+        return list_idx(path) if find_idx_file(path, IDX_FILES["train"][0]) is not None else list_folder(path, labels)
     if path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        return list_archive(path)
+        return list_archive(path, labels)
     raise ImgsimError(f"unsupported dataset file {path}: pass {_ACCEPTED_FORMS}")

@@ -43,7 +43,7 @@ def _archive_error(path: Path, exc: BaseException) -> ImgsimError:
 _ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
-def list_archive(path: Path) -> Source:
+def list_archive(path: Path, labels: str = "auto") -> Source:
     """One streaming pass over the headers; nothing is extracted to disk."""
     offsets: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -65,7 +65,7 @@ def list_archive(path: Path) -> Source:
     if prefix:
         offsets = {k[len(prefix) :]: v for k, v in offsets.items()}
         sizes = {k[len(prefix) :]: v for k, v in sizes.items()}
-    records = layout_records(offsets, str(path))
+    records = layout_records(offsets, str(path), labels)
     st = path.stat()
     return Source(
         kind="archive",

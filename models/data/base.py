@@ -45,6 +45,9 @@ class Dataset:
     items: list[Item]
     fingerprint: str
     _reader: Reader | None = field(default=None, repr=False, compare=False)
+    # Folder datasets: (size, st_mtime_ns) of each file as listed, so a sync compares without reading.
+    file_stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
+    options: dict[str, float | int | None] = field(default_factory=dict, repr=False, compare=False)  # as listed
 
     def select(self, split: str | Sequence[str] | None) -> list[Item]:
         """Items of the given split(s) in dataset order.
@@ -69,6 +72,10 @@ class Dataset:
         if not chosen:
             raise ImgsimError(f"dataset {self.spec} has no {'/'.join(wanted)} items: available splits are {available}")
         return chosen
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
 
     def splits(self) -> dict[str, int]:
         """Counts per split, in SPLITS order, only for splits that have items."""
@@ -127,7 +134,7 @@ class Record:
 
     key: str
     split: str
-    class_name: str
+    class_name: str | None  # None: unlabelled
 
 
 @dataclass
@@ -139,3 +146,4 @@ class Source:
     class_names: list[str] | None
     reader: Reader
     sizes: dict[str, int] = field(default_factory=dict)
+    mtimes: dict[str, int] = field(default_factory=dict)  # folders only: st_mtime_ns, for sync

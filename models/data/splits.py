@@ -44,17 +44,17 @@ def assign_splits(
     groups: dict[tuple[str, str], list[str]] = {}
     for rec in records:
         groups.setdefault((rec.split, rec.class_name), []).append(rec.key)
-    class_names = list(fixed_names) if fixed_names is not None else sorted({c for _, c in groups})
+    class_names = list(fixed_names) if fixed_names is not None else sorted({c for _, c in groups if c is not None})
     label_of = {name: i for i, name in enumerate(class_names)}
     has_val = any(split == "val" for split, _ in groups)
 
     items: list[Item] = []
     for (split, class_name), keys in groups.items():
-        label = label_of[class_name]
+        label = label_of.get(class_name, -1)  # -1: unlabelled (no val is carved from those)
         if options.max_per_class is not None and len(keys) > options.max_per_class:
-            keys = _seeded_shuffle(keys, options.seed, "cap", split, class_name)
+            keys = _seeded_shuffle(keys, options.seed, "cap", split, str(class_name))
             keys = keys[: options.max_per_class]
-        if split == "train" and not has_val:
+        if split == "train" and not has_val and class_name is not None:
             shuffled = _seeded_shuffle(keys, options.seed, "val", class_name)
             k = _val_count(len(shuffled), options.val_fraction)
             items.extend(Item(key, label, "val") for key in shuffled[:k])
