@@ -115,7 +115,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_service_settings()
     app.state.metrics = Metrics()
-    for r in (search.router, models.router, images.router, health.router):
+    for r in (search.router, models.router, models.collection_router, images.router, health.router):
         app.include_router(r)
 
     @app.get("/", include_in_schema=False)

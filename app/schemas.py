@@ -21,7 +21,7 @@ class Neighbour(BaseModel):
                 "score": 0.93,
                 "label": "cat",
                 "key": "train/cat/0042.jpg",
-                "url": "/v1/images/4711?model=resnet50",
+                "url": "/v1/images/4711/file?model=resnet50",
             }
         }
     )
@@ -32,10 +32,16 @@ class ClassScore(BaseModel):
     probability: float
 
 
+class QueryResults(BaseModel):
+    file: str = Field(description="The uploaded file's name.")
+    results: list[Neighbour]
+
+
 class SearchResponse(BaseModel):
     model: str = Field(description="Model that answered.")
     took_ms: float = Field(description="Server-side time for this request.")
-    results: list[Neighbour]
+    results: list[Neighbour] = Field(description="The neighbours of the (first) image, best first.")
+    queries: list[QueryResults] = Field(default_factory=list, description="One result list per uploaded image.")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -43,7 +49,13 @@ class SearchResponse(BaseModel):
                 "model": "resnet50-cifar10",
                 "took_ms": 41.2,
                 "results": [
-                    {"id": 4711, "score": 0.93, "label": "cat", "url": "/v1/images/4711?model=resnet50-cifar10"}
+                    {
+                        "id": 4711,
+                        "score": 0.93,
+                        "label": "cat",
+                        "key": "train/cat/4711.jpg",
+                        "url": "/v1/images/4711/file?model=resnet50-cifar10",
+                    }
                 ],
             }
         }
@@ -151,3 +163,50 @@ _ERROR_DESCRIPTIONS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses=`` of a route: every error it can answer, each with the one error body."""
     return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+class ItemInfo(BaseModel):
+    model: str
+    id: int
+    key: str = Field(description="Path in the collection (relative to the indexed folder), or the file name")
+    source: str = Field(description="The indexed folder or archive, or 'upload'")
+    label_name: str | None = None
+    split: str | None = None
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    file_size: int | None = None
+    added: str | None = Field(None, description="When it was added (ISO 8601, UTC)")
+    meta: dict[str, Any] = Field(default_factory=dict, description="The JSON object given when it was added")
+    file_url: str
+
+
+class EmbeddingResponse(BaseModel):
+    model: str
+    id: int | None = None
+    dim: int
+    vector: list[float] = Field(description="L2-normalised: the dot product of two vectors is their cosine")
+
+
+class AddResponse(BaseModel):
+    model: str
+    ids: list[int] = Field(description="One id per file, in order; a file already indexed keeps its id")
+    count: int
+
+
+class DeleteResponse(BaseModel):
+    model: str
+    removed: int
+    count: int
+
+
+class DuplicateGroup(BaseModel):
+    ids: list[int]
+    keys: list[str]
+    max_score: float = Field(description="The highest cosine between two of its images.")
+
+
+class DuplicatesResponse(BaseModel):
+    model: str
+    threshold: float
+    groups: list[DuplicateGroup]

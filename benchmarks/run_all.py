@@ -58,9 +58,8 @@ def render(results: dict[str, Any]) -> str:
     steps = results["steps"]
     commands = [(n, s) for n in STEPS for s in (steps.get(n) if isinstance(steps.get(n), list) else [steps.get(n)])
                 if s and s.get("command")]  # fmt: skip
-    return env.from_string(TEMPLATE.read_text()).render(
-        **results, m=results["machine"], kept=results.get("kept", {}), commands=commands
-    )
+    context = {**results, "m": results["machine"], "kept": results.get("kept", {}), "commands": commands}
+    return env.from_string(TEMPLATE.read_text()).render(**context)
 
 
 def keep_steps(results: dict[str, Any], earlier: dict[str, Any], skipped: list[str]) -> None:

@@ -232,6 +232,21 @@ class IndexStore:
             raise KeyError(item_id)
         return ItemRow(*r[:9]), r[9]
 
+    def item(self, item_id: int) -> dict[str, Any]:
+        """Every column of one item but its image bytes (KeyError when there is none)."""
+        cur = self._db.execute("SELECT * FROM items WHERE id = ?", (int(item_id),))
+        row = cur.fetchone()
+        if row is None:
+            raise KeyError(item_id)
+        return {d[0]: v for d, v in zip(cur.description, row) if d[0] != "image"}
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """The stored (normalised) vector of an item, with no forward pass."""
+        try:
+            return self.index.reconstruct(int(item_id))
+        except RuntimeError:
+            raise KeyError(item_id) from None
+
     def existing_hash_ids(self, hashes: Sequence[str]) -> dict[str, int]:
         """sha256 -> the (lowest) id of an item with exactly those bytes, for the hashes indexed."""
         found: dict[str, int] = {}

@@ -106,8 +106,6 @@ def sync_index(
     index_dir: Path, data: str | None = None, progress: bool = True, lock_timeout: float = 0.0
 ) -> SyncReport:
     """Bring ``index_dir`` in step with its folder (``data``, default: the folder it was built from)."""
-    from models.inference import Embedder, load_trained  # TensorFlow only when there is something to embed
-
     m = read_index_manifest(current_version(index_dir))
     folder = Path(data or m.dataset.spec).expanduser().resolve()
     if m.dataset.kind != "folder" or not folder.is_dir():
@@ -127,6 +125,8 @@ def sync_index(
     new: list[NewItem] = []
     unreadable: list[tuple] = []
     if plan.embed:
+        from models.inference import Embedder, load_trained  # TensorFlow only when there is something to embed
+
         embedder = Embedder(load_trained(Path(m.model.path)))
         new, unreadable = _embed(embedder, dataset, plan.embed, m.tta, plan.hashes, progress)
         report.skipped += len(unreadable)

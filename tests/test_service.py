@@ -141,7 +141,7 @@ def test_search_default_k(active_a: TestClient) -> None:
     assert len({x["id"] for x in results}) == 5
     for x in results:
         assert isinstance(x["id"], int) and x["label"] in CLASSES
-        assert x["url"] == f"/v1/images/{x['id']}?model=a"
+        assert x["url"] == f"/v1/images/{x['id']}/file?model=a"
     img = active_a.get(results[0]["url"])
     assert img.status_code == 200 and img.headers["content-type"].startswith("image/")
     assert Image.open(io.BytesIO(img.content)).size == (40, 40)
@@ -236,16 +236,16 @@ def test_models_listing_and_switch(active_a: TestClient) -> None:
 
 def test_images_and_thumbnails(active_a: TestClient) -> None:
     item = active_a.post("/v1/search", files=upload(png())).json()["results"][0]["id"]
-    full = active_a.get(f"/v1/images/{item}")
+    full = active_a.get(f"/v1/images/{item}/file")
     assert full.status_code == 200 and full.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(full.content)).size == (40, 40)
-    thumb = active_a.get(f"/v1/images/{item}", params={"size": 16})
+    thumb = active_a.get(f"/v1/images/{item}/file", params={"size": 16})
     assert thumb.status_code == 200 and thumb.headers["content-type"].startswith("image/")
     assert Image.open(io.BytesIO(thumb.content)).size == (16, 16)
-    assert active_a.get(f"/v1/images/{item}", params={"model": "b"}).status_code == 200
-    assert_error(active_a.get("/v1/images/999999"), 404, "999999")
-    assert_error(active_a.get(f"/v1/images/{item}", params={"model": "zzz"}), 404, "zzz", "a, b")
-    assert_error(active_a.get(f"/v1/images/{item}", params={"size": 8}), 422, "size")
+    assert active_a.get(f"/v1/images/{item}/file", params={"model": "b"}).status_code == 200
+    assert_error(active_a.get("/v1/images/999999/file"), 404, "999999")
+    assert_error(active_a.get(f"/v1/images/{item}/file", params={"model": "zzz"}), 404, "zzz", "a, b")
+    assert_error(active_a.get(f"/v1/images/{item}/file", params={"size": 8}), 422, "size")
     assert_error(active_a.get("/v1/images/cat"), 422, "item_id")
 
 
@@ -267,7 +267,7 @@ def test_health_ready_metrics(active_a: TestClient) -> None:
 def test_web_page_and_docs(active_a: TestClient) -> None:
     r = active_a.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert 'type="file"' in r.text and "/v1/analyze" in r.text
+    assert 'type="file"' in r.text and "/v1/search" in r.text
     for path in ("/docs", "/redoc"):
         r = active_a.get(path)
         assert r.status_code == 200 and "text/html" in r.headers["content-type"], path
@@ -401,8 +401,8 @@ def test_no_request_gives_a_server_error(active_a: TestClient) -> None:
         "BMP of zeros": (c.post("/v1/search", files=upload(b"BM" + b"\x00" * 60, "q.bmp", "image/bmp")), 422),
         "negative item id": (c.get("/v1/images/-1"), 422),
         "item id past int64": (c.get("/v1/images/" + "9" * 30), 422),
-        "thumbnail size not a number": (c.get("/v1/images/1", params={"size": "huge"}), 422),
-        "thumbnail size too big": (c.get("/v1/images/1", params={"size": 100000}), 422),
+        "thumbnail size not a number": (c.get("/v1/images/1/file", params={"size": "huge"}), 422),
+        "thumbnail size too big": (c.get("/v1/images/1/file", params={"size": 100000}), 422),
         "model name not a string": (c.put("/v1/models/active", json={"name": 5}), 422),
         "DELETE on active": (c.delete("/v1/models/active"), 405),
     }

@@ -19,11 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pydantic import ValidationError  # noqa: E402
 
-from app.cli import embed, evaluate, index, serve, train, weights  # noqa: E402
+from app.cli import collection, embed, evaluate, index, serve, train, weights  # noqa: E402
 from models.errors import Busy, ImgsimError  # noqa: E402
 from models.settings import get_settings  # noqa: E402
 
-STAGES = (weights, embed, train, index, evaluate, serve)
+STAGES = (weights, embed, train, index, evaluate, collection, serve)
 EXIT_BUSY = 75  # EX_TEMPFAIL
 
 

@@ -1,23 +1,34 @@
-"""Indexed images (or thumbnails), read only from their dataset."""
+"""The collection's items: their details, image, vector and neighbours; live add and delete."""
 
 from __future__ import annotations
 
+import hashlib
 import io
-
+import json
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+import numpy as np
+from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from app.deps import Registry
-from app.schemas import error_responses
+from app.deps import Registry, Settings, require_admin
+from app.registry import LoadedModel
+from app.routers.search import neighbours
+from app.schemas import AddResponse, DeleteResponse, EmbeddingResponse, ItemInfo, SearchResponse, error_responses
+from app.uploads import ImageFiles, ModelName, run_images
 from indexer.images import item_image_bytes
-from models.errors import Gone, NotFound
+from indexer.query import search
+from indexer.update import NewItem, apply_changes
+from models.errors import BadInput, Gone, NotFound
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif"}
+ItemId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id from a search result")]  # SQLite INTEGER
+ModelQuery = Annotated[str | None, Query(max_length=200, description="Model of the index (default: active)")]
+WRITE_LOCK_SECONDS = 30.0  # a live add or delete waits this long for another writer of the index
 
 
 def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
@@ -34,21 +45,38 @@ def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
     return buf.getvalue(), _MEDIA[fmt]
 
 
+def _model(request: Request, registry: Registry, model: str | None) -> LoadedModel:
+    loaded = registry.get(model)
+    request.state.model = loaded.name
+    return loaded
+
+
+@router.get("/{item_id}", response_model=ItemInfo, responses=error_responses(404, 422), summary="An item's details")
+def get_item(request: Request, registry: Registry, item_id: ItemId, model: ModelQuery = None) -> ItemInfo:
+    loaded = _model(request, registry, model)
+    try:
+        row = loaded.store.item(item_id)
+    except KeyError:
+        raise NotFound(f"no item {item_id} in the index of model {loaded.name!r}") from None
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    return ItemInfo(model=loaded.name, file_url=f"/v1/images/{item_id}/file?model={loaded.name}", meta=meta,
+                    **{k: row.get(k) for k in ItemInfo.model_fields if k in row and k != "meta"})  # fmt: skip
+
+
 @router.get(
-    "/{item_id}",
+    "/{item_id}/file",
     response_class=Response,
-    summary="An indexed image, or a thumbnail with ?size=",
+    summary="An item's image, or a thumbnail with ?size=",
     responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **error_responses(404, 410, 422)},
 )
 async def get_image(
     request: Request,
     registry: Registry,
-    item_id: Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id from a search result")],  # SQLite INTEGER
-    model: Annotated[str | None, Query(max_length=200, description="Model of the index (default: active)")] = None,
+    item_id: ItemId,
+    model: ModelQuery = None,
     size: Annotated[int | None, Query(ge=16, le=1024, description="Longest side of a thumbnail in pixels")] = None,
 ) -> Response:
-    loaded = registry.get(model)
-    request.state.model = loaded.name
+    loaded = _model(request, registry, model)
     try:
         data = await run_in_threadpool(item_image_bytes, loaded.store, item_id)
     except KeyError:
@@ -58,3 +86,114 @@ async def get_image(
     except (OSError, ValueError) as exc:  # Pillow: unreadable stored image
         raise Gone(f"image of item {item_id} cannot be decoded: {exc}") from None
     return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+
+
+def _vector(loaded: LoadedModel, item_id: int) -> np.ndarray:
+    try:
+        return loaded.store.vector(item_id)
+    except KeyError:
+        raise NotFound(f"no item {item_id} in the index of model {loaded.name!r}") from None
+
+
+@router.get(
+    "/{item_id}/similar",
+    response_model=SearchResponse,
+    responses=error_responses(404, 422),
+    summary="More like this: the neighbours of a stored item (no upload, no forward pass)",
+)
+async def similar(
+    request: Request,
+    registry: Registry,
+    settings: Settings,
+    item_id: ItemId,
+    model: ModelQuery = None,
+    k: Annotated[int, Query(ge=1, le=1024, description="How many results (at most IMGSIM_MAX_K)")] = 5,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="Cosine cut-off")] = None,
+    label: Annotated[str | None, Query(max_length=200, description="Only items with this label")] = None,
+) -> SearchResponse:
+    start = time.perf_counter()
+    if k > settings.max_k:
+        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
+    loaded = _model(request, registry, model)
+    store = loaded.store
+    vector = _vector(loaded, item_id)
+    hits = await run_in_threadpool(search, store, vector, k, label=label, min_score=min_score, exclude=item_id)
+    took = round((time.perf_counter() - start) * 1000, 2)
+    return SearchResponse(model=loaded.name, took_ms=took, results=neighbours(store, loaded.name, hits))
+
+
+@router.get(
+    "/{item_id}/embedding",
+    response_model=EmbeddingResponse,
+    responses=error_responses(404, 422),
+    summary="An item's stored vector (L2-normalised)",
+)
+def embedding(request: Request, registry: Registry, item_id: ItemId, model: ModelQuery = None) -> EmbeddingResponse:
+    loaded = _model(request, registry, model)
+    vector = _vector(loaded, item_id)
+    return EmbeddingResponse(
+        model=loaded.name, id=item_id, dim=len(vector), vector=[round(float(x), 7) for x in vector]
+    )
+
+
+def _meta(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadInput(f"meta is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadInput('meta must be a JSON object, e.g. {"album": "Rome 2024"}')
+    return json.dumps(value)
+
+
+@router.post(
+    "",
+    response_model=AddResponse,
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 404, 413, 415, 422, 503),
+    summary="Add images to the index (admin)",
+)
+async def add_images(
+    request: Request,
+    registry: Registry,
+    settings: Settings,
+    file: ImageFiles,
+    model: ModelName = None,
+    label: Annotated[str | None, Form(max_length=200, description="Label of the new images")] = None,
+    meta: Annotated[str | None, Form(max_length=10_000, description="A JSON object stored with each image")] = None,
+) -> AddResponse:
+    """Embeds the images and publishes a new index version before it answers: an acknowledged
+    add survives a crash. A file whose bytes are already indexed gets its existing id."""
+    loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
+    names = loaded.store.manifest.dataset.class_names
+    label_id = names.index(label) if label in names else -1
+    items = []
+    for f, r in zip(file, results):
+        await f.seek(0)
+        data = await f.read()
+        sha = hashlib.sha256(data).hexdigest()
+        items.append(NewItem(f.filename or "upload", "upload", sha, r.embedding, label_id, label, image=data,
+                             meta=_meta(meta)))  # fmt: skip
+    changes = await run_in_threadpool(apply_changes, loaded.index_dir, items, (), WRITE_LOCK_SECONDS)
+    await run_in_threadpool(loaded.reload_if_changed)
+    ids = iter(changes.added)
+    out = [changes.duplicates[i.sha256] if i.sha256 in changes.duplicates else next(ids) for i in items]
+    return AddResponse(model=loaded.name, ids=out, count=changes.count)
+
+
+@router.delete(
+    "/{item_id}",
+    response_model=DeleteResponse,
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 404, 422, 503),
+    summary="Remove an item from the index (admin)",
+)
+async def delete_item(
+    request: Request, registry: Registry, item_id: ItemId, model: ModelQuery = None
+) -> DeleteResponse:
+    loaded = _model(request, registry, model)
+    changes = await run_in_threadpool(apply_changes, loaded.index_dir, (), [item_id], WRITE_LOCK_SECONDS)
+    await run_in_threadpool(loaded.reload_if_changed)
+    return DeleteResponse(model=loaded.name, removed=item_id, count=changes.count)

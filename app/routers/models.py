@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
 
 from app.deps import Registry, require_admin
-from app.schemas import ActivateRequest, ActiveResponse, ModelInfo, ModelsResponse, ReloadResponse, error_responses
+from app.schemas import (
+    ActivateRequest,
+    ActiveResponse,
+    DuplicateGroup,
+    DuplicatesResponse,
+    ModelInfo,
+    ModelsResponse,
+    ReloadResponse,
+    error_responses,
+)
+from indexer.duplicates import find_duplicates
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+collection_router = APIRouter(prefix="/v1", tags=["images"])
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and which one is active")
@@ -64,3 +78,25 @@ def set_active(body: ActivateRequest, request: Request, registry: Registry) -> A
 async def reload_indexes(registry: Registry) -> ReloadResponse:
     """The service also checks every IMGSIM_RELOAD_SECONDS; this is for scripts that cannot wait."""
     return ReloadResponse(versions=await registry.reload())
+
+
+@collection_router.get(
+    "/duplicates",
+    response_model=DuplicatesResponse,
+    responses=error_responses(404, 422),
+    summary="Groups of near-duplicate images in a model's index",
+)
+async def duplicates(
+    registry: Registry,
+    threshold: Annotated[float, Query(ge=-1.0, le=1.0, description="Cosine at or above which two images pair")] = 0.95,
+    model: Annotated[str | None, Query(max_length=200, description="Model (default: active)")] = None,
+) -> DuplicatesResponse:
+    loaded = registry.get(model)
+    store = loaded.store
+    groups = await asyncio.to_thread(find_duplicates, store, threshold)
+    members = [i for g in groups for i in g.ids]
+    keys = {i: key for i, (_, key) in zip(members, store.labels_and_keys(members))}
+    out = [
+        DuplicateGroup(ids=g.ids, keys=[keys[i] for i in g.ids], max_score=max(s for *_, s in g.pairs)) for g in groups
+    ]
+    return DuplicatesResponse(model=loaded.name, threshold=threshold, groups=out)

@@ -4,113 +4,50 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.batching import Result
 from app.deps import Registry, Settings
-from app.imaging import check_content_type, decode_upload
 from app.registry import LoadedModel
 from app.schemas import (
     AnalyzeResponse,
     ClassifyResponse,
     ClassScore,
+    EmbeddingResponse,
     Neighbour,
     Prediction,
+    QueryResults,
     SearchResponse,
     error_responses,
 )
-from models.errors import BadInput, Busy, Conflict, TooLarge
+from app.uploads import VOTE_K, ImageFiles, ModelName, Search, Stages, one_image, run_images, server_timing
+from indexer.query import Hit, hits_from_result, search
+from indexer.store import IndexStore, l2_normalise
+from models.errors import Conflict
 
 router = APIRouter(prefix="/v1", tags=["search"])
-
-VOTE_K = 5
 ERRORS = error_responses(404, 413, 415, 422, 503)
 
-ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")]
-K = Annotated[
-    int, Form(ge=1, le=1024, description="How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5")
-]
-ModelName = Annotated[
-    str | None, Form(max_length=200, description="Model name (default: the active model)", examples=[None])
-]
 
-
-@dataclass
-class SearchForm:
-    """The multipart form of a search: the image, k and the model."""
-
-    file: UploadFile
-    k: int
-    model: str | None
-
-
-async def _search_form(file: ImageFile, k: K = 5, model: ModelName = None) -> SearchForm:
-    return SearchForm(file, k, model)
-
-
-Search = Annotated[SearchForm, Depends(_search_form)]
-
-
-@dataclass
-class Stages:
-    """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
-
-    start: float  # the request arrived (before FastAPI parsed its form)
-    read: float = 0.0  # the form is parsed and the upload read
-    decoded: float = 0.0  # the image is the model's input
-
-
-def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
-    """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
-
-    parse: parsing the form and reading the upload; decode: the image to the model's input; queue: waiting for
-    a model call; infer: that call (forward pass and search), shared by its whole batch;
-    total: as ``took_ms``.
-    """
-    ms = {
-        "parse": (stages.read - stages.start) * 1000,
-        "decode": (stages.decoded - stages.read) * 1000,
-        "queue": result.queue_seconds * 1000,
-        "infer": result.infer_seconds * 1000,
-        "total": total_ms,
-    }
-    return ", ".join(f"{name};dur={v:.3f}" for name, v in ms.items())
-
-
-async def _run(
-    request: Request, file: UploadFile, k: int, model: str | None, registry: Registry, settings: Settings
-) -> tuple[LoadedModel, Result, Stages]:
-    """Decode the upload and submit it to the model's batcher; the model is resolved once."""
-    stages = Stages(getattr(request.state, "start", None) or time.perf_counter())  # set as the request arrived
-    if k > settings.max_k:
-        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
-    loaded = registry.get(model)  # a model switch mid-request does not affect this request
-    request.state.model = loaded.name
-    check_content_type(file.content_type)
-    if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
-        raise Busy(f"busy: queue full ({loaded.batcher.max_queue} images waiting); retry shortly")
-    if (file.size or 0) > settings.max_upload_bytes:
-        raise TooLarge(f"upload larger than the {settings.max_upload_bytes}-byte limit")
-    data = await file.read()
-    stages.read = time.perf_counter()
-    image = await run_in_threadpool(decode_upload, data, loaded.embedder.input_size, settings.max_image_pixels)
-    stages.decoded = time.perf_counter()
-    result = await loaded.batcher.submit(image, max(k, VOTE_K))
-    return loaded, result, stages
-
-
-def _neighbours(loaded: LoadedModel, result: Result, k: int) -> list[Neighbour]:
-    ids = [int(i) for i in result.ids[:k] if i >= 0]
-    rows = result.context.labels_and_keys(ids)  # the index version that answered
+def neighbours(store: IndexStore, model: str, hits: list[Hit]) -> list[Neighbour]:
+    rows = store.labels_and_keys([h.id for h in hits])
     return [
-        Neighbour(id=i, score=round(float(s), 6), label=name, key=key, url=f"/v1/images/{i}?model={loaded.name}")
-        for i, s, (name, key) in zip(ids, result.scores[:k], rows)
+        Neighbour(id=h.id, score=round(h.score, 6), label=name, key=key, url=f"/v1/images/{h.id}/file?model={model}")
+        for h, (name, key) in zip(hits, rows)
     ]
+
+
+async def _answer(loaded: LoadedModel, result: Result, k: int, min_score: float | None, label: str | None) -> list:
+    """The neighbours of one image, from the index version that answered its batch."""
+    store = result.context
+    if label is None:
+        hits = hits_from_result(result.scores, result.ids, k, min_score)
+    else:  # a filtered search of its own: the batch's search had no filter
+        hits = await run_in_threadpool(search, store, result.embedding, k, label=label, min_score=min_score)
+    return neighbours(store, loaded.name, hits)
 
 
 def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction | None:
@@ -141,12 +78,15 @@ def _took_ms(response: Response, stages: Stages, result: Result) -> float:
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Top-k similar indexed images")
-async def search(
+async def search_images(
     request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> SearchResponse:
-    loaded, result, stages = await _run(request, form.file, form.k, form.model, registry, settings)
-    took = _took_ms(response, stages, result)
-    return SearchResponse(model=loaded.name, took_ms=took, results=_neighbours(loaded, result, form.k))
+    """Several images (repeated `file` parts) give one result list each, from one batched forward pass."""
+    loaded, results, stages = await run_images(request, form.files, form.k, form.model, registry, settings)
+    lists = [await _answer(loaded, r, form.k, form.min_score, form.label) for r in results]
+    queries = [QueryResults(file=f.filename or "", results=n) for f, n in zip(form.files, lists)]
+    took = _took_ms(response, stages, results[0])
+    return SearchResponse(model=loaded.name, took_ms=took, results=lists[0], queries=queries)
 
 
 @router.post(
@@ -158,16 +98,16 @@ async def search(
 async def classify(
     request: Request,
     response: Response,
-    file: ImageFile,
+    file: ImageFiles,
     registry: Registry,
     settings: Settings,
     model: ModelName = None,
 ) -> ClassifyResponse:
     if not registry.get(model).embedder.has_classifier:
         raise Conflict(f"model {registry.get(model).name!r} has no classifier (ImageNet features); use /v1/search")
-    loaded, result, stages = await _run(request, file, VOTE_K, model, registry, settings)
-    took = _took_ms(response, stages, result)
-    return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, result))
+    loaded, results, stages = await run_images(request, one_image(file), VOTE_K, model, registry, settings)
+    took = _took_ms(response, stages, results[0])
+    return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, results[0]))
 
 
 @router.post(
@@ -179,10 +119,19 @@ async def classify(
 async def analyze(
     request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> AnalyzeResponse:
-    loaded, result, stages = await _run(request, form.file, form.k, form.model, registry, settings)
+    loaded, results, stages = await run_images(request, one_image(form.files), form.k, form.model, registry, settings)
     return AnalyzeResponse(
         model=loaded.name,
-        took_ms=_took_ms(response, stages, result),
-        prediction=_prediction(loaded, result),
-        results=_neighbours(loaded, result, form.k),
+        took_ms=_took_ms(response, stages, results[0]),
+        prediction=_prediction(loaded, results[0]),
+        results=await _answer(loaded, results[0], form.k, form.min_score, form.label),
     )
+
+
+@router.post("/embed", response_model=EmbeddingResponse, responses=ERRORS, summary="An upload's embedding")
+async def embed(
+    request: Request, file: ImageFiles, registry: Registry, settings: Settings, model: ModelName = None
+) -> EmbeddingResponse:
+    loaded, results, _ = await run_images(request, one_image(file), 1, model, registry, settings)
+    v = l2_normalise(results[0].embedding[None])[0]
+    return EmbeddingResponse(model=loaded.name, dim=len(v), vector=[round(float(x), 7) for x in v])

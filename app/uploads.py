@@ -1,0 +1,121 @@
+"""An uploaded image, from the multipart form to a micro-batcher's result.
+
+The form's fields are declared once here (FastAPI ``File``/``Form``, so Swagger documents
+them); every route that takes an image uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from app.batching import Result
+from app.deps import Registry, Settings
+from app.imaging import check_content_type, decode_upload
+from app.registry import LoadedModel
+from models.errors import BadInput, Busy, TooLarge
+
+VOTE_K = 5  # neighbours that vote on a label
+
+ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")]
+ImageFiles = Annotated[
+    list[UploadFile], File(description="One or more images (repeat the `file` part): one result list per image")
+]
+K = Annotated[
+    int, Form(ge=1, le=1024, description="How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5")
+]
+ModelName = Annotated[
+    str | None, Form(max_length=200, description="Model name (default: the active model)", examples=[None])
+]
+MinScore = Annotated[
+    float | None, Form(ge=-1.0, le=1.0, description="Only results with at least this cosine (-1..1)", examples=[None])
+]
+Label = Annotated[
+    str | None, Form(max_length=200, description="Only items with this label (none: an empty list)", examples=[None])
+]
+
+
+@dataclass
+class SearchForm:
+    files: list[UploadFile]
+    k: int
+    model: str | None
+    min_score: float | None
+    label: str | None
+
+
+async def _search_form(
+    file: ImageFiles, k: K = 5, model: ModelName = None, min_score: MinScore = None, label: Label = None
+) -> SearchForm:
+    return SearchForm(file, k, model, min_score, label)
+
+
+Search = Annotated[SearchForm, Depends(_search_form)]
+
+
+@dataclass
+class Stages:
+    """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
+
+    start: float  # the request arrived (before FastAPI parsed its form)
+    read: float = 0.0  # the form is parsed and the upload read
+    decoded: float = 0.0  # the image is the model's input
+
+
+def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
+    """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
+
+    parse: parsing the form and reading the upload; decode: the image to the model's input;
+    queue: waiting for a model call; infer: that call (forward pass and search), shared by
+    its whole batch; total: as ``took_ms``.
+    """
+    ms = {
+        "parse": (stages.read - stages.start) * 1000,
+        "decode": (stages.decoded - stages.read) * 1000,
+        "queue": result.queue_seconds * 1000,
+        "infer": result.infer_seconds * 1000,
+        "total": total_ms,
+    }
+    return ", ".join(f"{name};dur={v:.3f}" for name, v in ms.items())
+
+
+async def read_image(file: UploadFile, loaded: LoadedModel, settings: Settings) -> bytes:
+    """The upload's bytes, after the checks that need no decoding."""
+    check_content_type(file.content_type)
+    if loaded.batcher.full:  # refuse before decoding: under overload, work on a refused image is wasted
+        raise Busy(f"busy: queue full ({loaded.batcher.max_queue} images waiting); retry shortly")
+    if (file.size or 0) > settings.max_upload_bytes:
+        raise TooLarge(f"upload larger than the {settings.max_upload_bytes}-byte limit")
+    return await file.read()
+
+
+async def run_images(
+    request: Request, files: list[UploadFile], k: int, model: str | None, registry: Registry, settings: Settings
+) -> tuple[LoadedModel, list[Result], Stages]:
+    """Decode the uploads and submit them together to the model's batcher (one batch when it
+    is free); the model is resolved once, so a switch mid-request does not affect it."""
+    stages = Stages(getattr(request.state, "start", None) or time.perf_counter())  # set as the request arrived
+    if k > settings.max_k:
+        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
+    if len(files) > settings.max_batch_size:
+        raise BadInput(f"at most {settings.max_batch_size} images per request, got {len(files)}")
+    loaded = registry.get(model)
+    request.state.model = loaded.name
+    data = [await read_image(f, loaded, settings) for f in files]
+    stages.read = time.perf_counter()
+    size, limit = loaded.embedder.input_size, settings.max_image_pixels
+    images = [await run_in_threadpool(decode_upload, d, size, limit) for d in data]
+    stages.decoded = time.perf_counter()
+    results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
+    return loaded, list(results), stages
+
+
+def one_image(files: list[UploadFile]) -> list[UploadFile]:
+    if len(files) != 1:
+        raise BadInput(f"send one image as the multipart field 'file', got {len(files)} (/v1/search takes several)")
+    return files

@@ -1,0 +1,92 @@
+"""Near-duplicates: groups of items whose embeddings are at least ``threshold`` apart in cosine.
+
+Every pair above the threshold comes from an exact FAISS range search over the stored
+vectors (in chunks, so memory stays bounded); groups are the connected components of
+those pairs, so a resized copy of a recompressed copy joins its original's group.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+from PIL import Image
+
+from indexer.images import item_image_bytes
+from indexer.store import IndexStore, all_vectors, l2_normalise
+
+DEFAULT_THRESHOLD = 0.95
+
+
+@dataclass
+class Group:
+    ids: list[int]
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (id, id, cosine)
+
+
+def _find(parent: dict[int, int], x: int) -> int:
+    while parent.setdefault(x, x) != x:
+        parent[x] = parent[parent[x]]  # path halving
+        x = parent[x]
+    return x
+
+
+def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, chunk: int = 4096) -> list[Group]:
+    """Groups of two or more items, largest first; within a group, ids ascending."""
+    ids, vectors = all_vectors(store.index)
+    if len(ids) < 2:
+        return []
+    vectors = l2_normalise(vectors)
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    pairs: list[tuple[int, int, float]] = []
+    for start in range(0, len(ids), chunk):
+        lims, scores, found = flat.range_search(vectors[start : start + chunk], threshold)
+        for q in range(len(lims) - 1):
+            for j in range(lims[q], lims[q + 1]):
+                if found[j] > start + q:  # each pair once, not an item with itself
+                    pairs.append((int(ids[start + q]), int(ids[found[j]]), float(scores[j])))
+    parent: dict[int, int] = {}
+    for a, b, _ in pairs:
+        parent[_find(parent, a)] = _find(parent, b)
+    groups: dict[int, Group] = {}
+    for a, b, s in pairs:
+        groups.setdefault(_find(parent, a), Group([])).pairs.append((a, b, round(s, 6)))
+    for g in groups.values():
+        g.ids = sorted({i for a, b, _ in g.pairs for i in (a, b)})
+    return sorted(groups.values(), key=lambda g: (-len(g.ids), g.ids[0]))
+
+
+def _thumbnail(store: IndexStore, item_id: int, size: int = 128) -> str:
+    try:
+        img = Image.open(io.BytesIO(item_image_bytes(store, item_id))).convert("RGB")
+    except Exception:  # noqa: BLE001 - a missing file shows as a gap, the report still renders
+        return ""
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_contact_sheet(store: IndexStore, groups: list[Group], out: Path, limit: int = 500) -> None:
+    """An HTML page with every group's thumbnails, paths and similarities (images inlined)."""
+    keys = dict(zip([i for g in groups[:limit] for i in g.ids],
+                    (k for _, k in store.labels_and_keys([i for g in groups[:limit] for i in g.ids]))))  # fmt: skip
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>imgsim near-duplicates</title>",
+        "<style>body{font:14px sans-serif} .g{border-bottom:1px solid #ccc;padding:8px} figure{display:inline-block;"
+        "margin:4px;width:140px;vertical-align:top} figcaption{font-size:11px;word-break:break-all}</style>",
+        f"<h1>{len(groups)} groups of near-duplicates</h1>",
+    ]
+    for n, g in enumerate(groups[:limit], 1):
+        best = max(s for _, _, s in g.pairs)
+        parts.append(f"<div class=g><b>group {n}</b>: {len(g.ids)} images, cosine up to {best:.4f}<br>")
+        for i in g.ids:
+            src, key = _thumbnail(store, i), html.escape(keys.get(i, ""))
+            parts.append(f"<figure><img src='{src}' alt=''><figcaption>#{i} {key}</figcaption></figure>")
+        parts.append("</div>")
+    out.write_text("\n".join(parts))
