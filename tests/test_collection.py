@@ -234,3 +234,32 @@ def test_a_backbone_name_indexes_and_serves_without_training(tmp_path: Path) -> 
         assert r.status_code == 409 and "no classifier" in r.json()["detail"]
         assert client.post("/v1/analyze", files={"file": ("q.png", query, "image/png")}).json()["prediction"] is None
     shutil.rmtree(index.resolve().parent, ignore_errors=True)
+
+
+def test_duplicates_group_copies_and_write_a_contact_sheet(photo_index: tuple[Path, Path, Path], capsys: Any) -> None:
+    import json
+
+    root, index, _ = photo_index
+    (root / "copies").mkdir()
+    shutil.copyfile(root / "2024" / "c.png", root / "copies" / "c-again.png")
+    Image.open(root / "2024" / "c.png").save(root / "copies" / "c-resaved.png")  # re-encoded, same pixels
+    sync_index(index, progress=False)
+    out, report = index.parent / "dupes.html", index.parent / "dupes.json"
+    assert (
+        main(["duplicates", "--index", str(index), "--threshold", "0.9999", "--out", str(out), "--json", str(report)])
+        == 0
+    )
+    groups = json.loads(report.read_text())["groups"]
+    assert any(set(g["keys"]) >= {"2024/c.png", "copies/c-again.png", "copies/c-resaved.png"} for g in groups)
+    assert "copies/c-again.png" in out.read_text() and "data:image/jpeg;base64," in out.read_text()
+    assert "groups of near-duplicates" in capsys.readouterr().out
+    assert main(["duplicates", "--index", str(index), "--threshold", "3"]) == 2
+
+
+def test_export_writes_every_vector_and_row(photo_index: tuple[Path, Path, Path]) -> None:
+    _, index, _ = photo_index
+    out = index.parent / "all.npz"
+    assert main(["export", "--index", str(index), "--out", str(out)]) == 0
+    data = np.load(out)
+    assert data["vectors"].shape == (4, 1024) and sorted(data["key"].tolist())[0] == "2023/01-beach/a.png"
+    assert np.allclose(np.linalg.norm(data["vectors"], axis=1), 1, atol=1e-5)

@@ -60,7 +60,7 @@ def test_search_more_like_this_filters_and_duplicates(server: str, tmp_path: Pat
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1000, "height": 900})
         page.goto(server)
-        page.wait_for_selector("#model option")
+        page.wait_for_selector("#model option", state="attached")
         page.fill("#k", "4")
         page.set_input_files("#file", [str(a), str(b)])  # several images at once: one list each
         page.wait_for_selector("h2:has-text('blue.png')")

@@ -12,7 +12,7 @@ from app.schemas import Health, Ready
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="The process is alive")
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, summary="The process is alive")
 def healthz() -> Health:
     return Health(status="ok")
 

@@ -18,7 +18,7 @@ from app.schemas import (
     ReloadResponse,
     error_responses,
 )
-from indexer.duplicates import find_duplicates
+from indexer.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 collection_router = APIRouter(prefix="/v1", tags=["images"])
@@ -88,7 +88,9 @@ async def reload_indexes(registry: Registry) -> ReloadResponse:
 )
 async def duplicates(
     registry: Registry,
-    threshold: Annotated[float, Query(ge=-1.0, le=1.0, description="Cosine at or above which two images pair")] = 0.95,
+    threshold: Annotated[
+        float, Query(ge=-1.0, le=1.0, description="Cosine at or above which two images pair")
+    ] = DEFAULT_THRESHOLD,
     model: Annotated[str | None, Query(max_length=200, description="Model (default: active)")] = None,
 ) -> DuplicatesResponse:
     loaded = registry.get(model)
