@@ -179,7 +179,9 @@ class AddReport:
     count: int
 
 
-def add_images(index_dir: Path, paths: Sequence[Path], label: str | None = None, progress: bool = True) -> AddReport:
+def add_images(
+    index_dir: Path, paths: Sequence[Path], label: str | None = None, progress: bool = True, lock_timeout: float = 0.0
+) -> AddReport:
     """Embed image files and append them; exact duplicates (same bytes) are skipped."""
     with closing(IndexStore.open(index_dir)) as store:
         manifest = store.manifest
@@ -203,13 +205,13 @@ def add_images(index_dir: Path, paths: Sequence[Path], label: str | None = None,
         st = f.stat()
         items.append(NewItem(f.name, str(f.resolve()), hashes[f], vector, label_id, label, width=w, height=h,
                              file_size=st.st_size, mtime_ns=st.st_mtime_ns))  # fmt: skip
-    changes = apply_changes(index_dir, add=items) if items else Changes(count=manifest.count)
+    changes = apply_changes(index_dir, add=items, lock_timeout=lock_timeout) if items else Changes(count=manifest.count)
     return AddReport(len(changes.added), len(files) - len(changes.added) - skipped, skipped, changes.count)
 
 
-def remove_ids(index_dir: Path, ids: Sequence[int]) -> Changes:
+def remove_ids(index_dir: Path, ids: Sequence[int], lock_timeout: float = 0.0) -> Changes:
     """Remove items by id; unknown ids are refused, other ids never change."""
-    return apply_changes(index_dir, remove=ids)
+    return apply_changes(index_dir, remove=ids, lock_timeout=lock_timeout)
 
 
 class _FileList:

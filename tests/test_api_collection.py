@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ from fastapi.testclient import TestClient
 from tests.test_service import assert_error, encode, noisy, png, upload
 
 BLUE = (30, 60, 220)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -134,3 +141,73 @@ async def _with_client(client: TestClient, fn: Any) -> Any:
     transport = httpx.ASGITransport(app=client.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
         return await fn(ac)
+
+
+def _serve(model: Path, index: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "IMGSIM_API_KEY": "k", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(log.read_text())
+
+
+def test_an_acknowledged_add_survives_kill_9(service_pairs: list[Any], tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(service_pairs[0].index, index)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    new = png(noisy((250, 250, 30), seed=11))
+    proc = _serve(service_pairs[0].model, index, port, tmp_path / "first.log")
+    try:
+        r = httpx.post(f"{url}/v1/images", files=upload(new, "kept.png"), headers=KEY, timeout=60)
+        assert r.status_code == 200, r.text
+        (new_id,) = r.json()["ids"]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # right after the answer: no shutdown, no flush
+        proc.wait()
+    proc = _serve(service_pairs[0].model, index, port, tmp_path / "second.log")
+    try:
+        assert httpx.get(f"{url}/v1/images/{new_id}").json()["key"] == "kept.png"
+        hit = httpx.post(f"{url}/v1/search", files=upload(new), data={"k": "1"}).json()["results"][0]
+        assert hit["id"] == new_id and hit["score"] > 0.9999
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_concurrent_cli_adds_lose_nothing(service_pairs: list[Any], tmp_path: Path) -> None:
+    """Four `imgsim index add` at once on one index, each waiting for the others: every image lands."""
+    index = tmp_path / "index"
+    shutil.copytree(service_pairs[0].index, index)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"new{i}.png")
+        files[-1].write_bytes(encode(noisy((40 * i, 250, 200 - 40 * i), seed=30 + i), "PNG"))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "index", "add", "--index", str(index), "--wait", "120", "-q", str(f)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for f in files
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(index)
+    assert store.count() == 34 and store.index.ntotal == 34 and store.manifest.count == 34
+    assert {r.key for r in store.rows(range(30, 40)).values()} == {f.name for f in files}
+    store.close()

@@ -51,7 +51,7 @@ def build(args: argparse.Namespace) -> int:
 def add(args: argparse.Namespace) -> int:
     from indexer.update import add_images
 
-    r = add_images(args.index, args.paths, label=args.label, progress=not args.quiet)
+    r = add_images(args.index, args.paths, label=args.label, progress=not args.quiet, lock_timeout=args.wait)
     print(
         f"added {r.added} images, skipped {r.duplicates} duplicates and {r.skipped} unreadable; "
         f"index now holds {r.count}"
@@ -62,7 +62,7 @@ def add(args: argparse.Namespace) -> int:
 def remove(args: argparse.Namespace) -> int:
     from indexer.update import remove_ids
 
-    r = remove_ids(args.index, args.ids)
+    r = remove_ids(args.index, args.ids, lock_timeout=args.wait)
     print(f"removed {len(r.removed)} items; index now holds {r.count}")
     return 0
 
@@ -79,6 +79,9 @@ def sync(args: argparse.Namespace) -> int:
 def _index_dir() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--index", type=Path, required=True, help="INDEX_DIR")
+    p.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer (default: refuse at once)"
+    )
     return p
 
 
@@ -148,9 +151,6 @@ def _register_sync(sub: argparse._SubParsersAction) -> None:
         "(try again later). For cron: imgsim index sync --index DIR --quiet",
     )
     p.add_argument("--data", default=None, help="the folder (default: the one recorded in the index)")
-    p.add_argument(
-        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer (default: refuse at once)"
-    )
     p.set_defaults(func=sync)
 
 
