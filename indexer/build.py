@@ -94,10 +94,9 @@ def build_index(
     settings: Settings | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Embed the train and validation images of ``data`` and write INDEX_DIR atomically.
-
-    ``model_dir``: a MODEL_DIR or a backbone name (ImageNet features, no training). An
-    unlabelled tree (``labels``, see :func:`models.data.open_dataset`) is indexed whole.
+    """Embed the train and validation images of ``data`` (an unlabelled tree: all of it, see
+    ``labels`` in :func:`models.data.open_dataset`) and write INDEX_DIR atomically.
+    ``model_dir``: a MODEL_DIR or a backbone name (ImageNet features, no training).
 
     ``tta="flip"`` indexes each image by its own embedding plus its mirror image's; the
     manifest records it, so queries (``evaluate``, the service) are embedded the same way.
