@@ -28,6 +28,12 @@ class ServiceSettings(Settings):
     port: int = Field(8000, description="Port of `imgsim serve`.")
     max_upload_bytes: int = Field(10_000_000, ge=1, description="Larger uploads get 413.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one model call.")
+    max_decodes: int = Field(
+        2, ge=1, description="Uploads decoded at once; the rest wait their turn (bounds decoding memory and CPU)."
+    )
+    shutdown_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish; then the process exits."
+    )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
     max_queue_ms: float = Field(
         0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -29,7 +30,11 @@ HOW_TO_SEND = "send the image as the multipart field 'file' (curl -F file=@q.jpg
 
 
 class ObserveMiddleware:
-    """Early 413 for a declared oversize body; request count and latency per endpoint and model.
+    """The body limit, request count and latency per endpoint and model.
+
+    A body over the limit gets 413: at once when its Content-Length says so, otherwise as
+    soon as the bytes read pass the limit (chunked bodies too), before any route reads it
+    whole, parses it or checks an API key.
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware (``@app.middleware``) costs a
     measurable share of the per-request time of a fast model.
@@ -40,6 +45,7 @@ class ObserveMiddleware:
         self.metrics = metrics
         self.max_upload = max_upload
         self.limit = max_upload + 64 * 1024  # multipart framing overhead
+        self.too_large = f"upload larger than the {max_upload}-byte limit"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,12 +61,21 @@ class ObserveMiddleware:
                 status = message["status"]
             await send(message)
 
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException raised while it reads on as it is
+                raise HTTPException(413, self.too_large)
+            return message
+
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            detail = {"detail": f"upload larger than the {self.max_upload}-byte limit"}
-            await JSONResponse(detail, status_code=413)(scope, receive, send_status)
+            await JSONResponse({"detail": self.too_large}, status_code=413)(scope, receive, send_status)
         else:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, limited_receive, send_status)
         endpoint = getattr(scope.get("route"), "path", "unmatched")
         model = scope.get("state", {}).get("model", "")
         self.metrics.requests.labels(endpoint, model, str(status)).inc()
@@ -115,6 +130,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_service_settings()
     app.state.metrics = Metrics()
+    app.state.decodes = asyncio.Semaphore(app.state.settings.max_decodes)
     for r in (search.router, models.router, models.collection_router, images.router, health.router):
         app.include_router(r)
 

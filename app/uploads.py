@@ -109,7 +109,10 @@ async def run_images(
     data = [await read_image(f, loaded, settings) for f in files]
     stages.read = time.perf_counter()
     size, limit = loaded.embedder.input_size, settings.max_image_pixels
-    images = [await run_in_threadpool(decode_upload, d, size, limit) for d in data]
+    images = []
+    for d in data:
+        async with request.app.state.decodes:  # at most IMGSIM_MAX_DECODES at once, whatever the load
+            images.append(await run_in_threadpool(decode_upload, d, size, limit))
     stages.decoded = time.perf_counter()
     results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
     return loaded, list(results), stages

@@ -586,3 +586,50 @@ def test_flip_tta_index_makes_the_service_embed_queries_the_same_way(service_pai
         r = c.post("/v1/search", files=upload(query.read_bytes()), data={"k": "1"})
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _chunks(total: int, size: int = 4096) -> Iterator[bytes]:
+    """A body without Content-Length: httpx sends it with chunked transfer encoding."""
+    for _ in range(total // size):
+        yield b"x" * size
+
+
+def test_chunked_bodies_are_capped_while_they_stream(strict: TestClient) -> None:
+    # To the admin endpoint, without a key: the size check comes first, nothing is parsed.
+    r = strict.put("/v1/models/active", content=_chunks(200_000), headers={"content-type": "application/json"})
+    assert_error(r, 413, "2000-byte limit")
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n\r\n'.encode()
+
+    def upload_body() -> Iterator[bytes]:
+        yield head
+        yield from _chunks(300_000)
+
+    r = strict.post(
+        "/v1/search", content=upload_body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert_error(r, 413, "2000-byte limit")
+    assert strict.post("/v1/search", files=upload(png(Image.new("RGB", (16, 16), RED)))).status_code == 200
+
+
+def test_decodes_are_capped(make_service_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.uploads
+
+    running, peak = [0], [0]
+    real = app.uploads.decode_upload
+
+    def slow(*args: Any) -> Any:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        running[0] -= 1
+        return real(*args)
+
+    monkeypatch.setattr(app.uploads, "decode_upload", slow)
+    with TestClient(make_service_app(names=("a",), max_decodes=1, api_key=None)) as c:
+
+        async def fire(ac: httpx.AsyncClient) -> list[httpx.Response]:
+            return await asyncio.gather(*(ac.post("/v1/search", files=upload(png())) for _ in range(6)))
+
+        assert {r.status_code for r in run_async(c, fire)} == {200}
+    assert peak[0] == 1

@@ -54,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
     check_model_pairs(settings.models)
     url = f"http://{settings.host}:{settings.port}"
     print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=settings.shutdown_seconds,  # one slow uploader cannot hold the exit
+    )
     return 0
 
 
