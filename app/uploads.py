@@ -22,7 +22,6 @@ from models.errors import BadInput, Busy, TooLarge
 
 VOTE_K = 5  # neighbours that vote on a label
 
-ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")]
 ImageFiles = Annotated[
     list[UploadFile], File(description="One or more images (repeat the `file` part): one result list per image")
 ]

@@ -70,7 +70,8 @@ def _row(target: str, model: str, measured: str, reference: str, ratio: float | 
          note: str) -> dict[str, Any]:  # fmt: skip
     verdict = "info" if limit == "" else ("n/a" if ok is None else ("PASS" if ok else "FAIL"))
     return {"target": target, "model": model, "measured": measured, "reference": reference,
-            "ratio": None if ratio is None else round(ratio, 3), "limit": limit, "verdict": verdict, "note": note}  # fmt: skip
+            "ratio": None if ratio is None else round(ratio, 3), "limit": limit, "verdict": verdict,
+            "note": note}  # fmt: skip
 
 
 def _c1(svc: dict, bare: dict, name: str) -> list[dict]:
@@ -82,7 +83,8 @@ def _c1(svc: dict, bare: dict, name: str) -> list[dict]:
     br = bare.get("bracket", {})
     note = "reference = decode + preprocess + batch-1 forward, in-process"
     if br:
-        note += f" before / after the service ({br['before']['c1_reference_ms']:.1f} / {br['after']['c1_reference_ms']:.1f} ms, mean used)"
+        before, after = br["before"]["c1_reference_ms"], br["after"]["c1_reference_ms"]
+        note += f" before / after the service ({before:.1f} / {after:.1f} ms, mean used)"
     timing = lv.get("server_timing_p50_ms") or {}
     if "total" in timing:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in timing.items())
@@ -160,5 +162,6 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(_row("indexer >= 0.85 x best batched forward", f"{ix['backbone']} {ix['input_size']} px",
                              f"{full['embed_images_per_s']:.1f} img/s", f"{best['images_per_s']:.1f} img/s", ratio,
                              f">= {limit}", ratio >= limit,
-                             f"full-model path, {full['count']} images, batch {ix['batch_size']} (embedding phase)"))  # fmt: skip
+                             f"full-model path, {full['count']} images, batch {ix['batch_size']} "
+                             "(embedding phase)"))  # fmt: skip
     return rows

@@ -26,6 +26,11 @@ DEFAULT_THRESHOLD = 0.85  # docs/collections.md: the best balance of precision a
 class Group:
     ids: list[int]
     pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (id, id, cosine)
+    keys: list[str] = field(default_factory=list)  # the items' paths, in the order of ids
+
+    @property
+    def max_score(self) -> float:
+        return max(s for *_, s in self.pairs)
 
 
 def _find(parent: dict[int, int], x: int) -> int:
@@ -58,6 +63,7 @@ def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, chu
         groups.setdefault(_find(parent, a), Group([])).pairs.append((a, b, round(s, 6)))
     for g in groups.values():
         g.ids = sorted({i for a, b, _ in g.pairs for i in (a, b)})
+        g.keys = [key for _, key in store.labels_and_keys(g.ids)]
     return sorted(groups.values(), key=lambda g: (-len(g.ids), g.ids[0]))
 
 
@@ -74,8 +80,6 @@ def _thumbnail(store: IndexStore, item_id: int, size: int = 128) -> str:
 
 def write_contact_sheet(store: IndexStore, groups: list[Group], out: Path, limit: int = 500) -> None:
     """An HTML page with every group's thumbnails, paths and similarities (images inlined)."""
-    keys = dict(zip([i for g in groups[:limit] for i in g.ids],
-                    (k for _, k in store.labels_and_keys([i for g in groups[:limit] for i in g.ids]))))  # fmt: skip
     parts = [
         "<!doctype html><meta charset=utf-8><title>imgsim near-duplicates</title>",
         "<style>body{font:14px sans-serif} .g{border-bottom:1px solid #ccc;padding:8px} figure{display:inline-block;"
@@ -83,10 +87,9 @@ def write_contact_sheet(store: IndexStore, groups: list[Group], out: Path, limit
         f"<h1>{len(groups)} groups of near-duplicates</h1>",
     ]
     for n, g in enumerate(groups[:limit], 1):
-        best = max(s for _, _, s in g.pairs)
-        parts.append(f"<div class=g><b>group {n}</b>: {len(g.ids)} images, cosine up to {best:.4f}<br>")
-        for i in g.ids:
-            src, key = _thumbnail(store, i), html.escape(keys.get(i, ""))
+        parts.append(f"<div class=g><b>group {n}</b>: {len(g.ids)} images, cosine up to {g.max_score:.4f}<br>")
+        for i, key in zip(g.ids, map(html.escape, g.keys)):
+            src = _thumbnail(store, i)
             parts.append(f"<figure><img src='{src}' alt=''><figcaption>#{i} {key}</figcaption></figure>")
         parts.append("</div>")
     out.write_text("\n".join(parts))

@@ -258,10 +258,6 @@ class IndexStore:
             found.update(dict(self._db.execute(sql, part)))
         return found
 
-    def max_id(self) -> int:
-        v = self._db.execute("SELECT MAX(id) FROM items").fetchone()[0]
-        return -1 if v is None else int(v)
-
 
 # --------------------------------------------------------------------- writing
 def create_items_db(path: Path) -> sqlite3.Connection:

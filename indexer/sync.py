@@ -143,15 +143,28 @@ def _embed(embedder, dataset: Dataset, items: list[Item], tta: str, hashes: dict
     """NewItems of the files that could be read, and (key, size, mtime, reason) of those that could not."""
     skipped = SkipCounter()
     out: list[NewItem] = []
-    batches = stream_forward(lambda b: embedder.embed(b, tta), dataset, items, embedder.input_size, 32, skipped,
+    reader = _Hashing(dataset, hashes)  # each file is read once, for its pixels and its hash together
+    batches = stream_forward(lambda b: embedder.embed(b, tta), reader, items, embedder.input_size, 32, skipped,
                              progress, desc="sync")  # fmt: skip
     for batch_items, (emb, _) in batches:
         for item, vector in zip(batch_items, emb):
-            path = Path(dataset.spec) / item.key
-            sha = hashes.get(item.key) or hashlib.sha256(path.read_bytes()).hexdigest()
+            sha = hashes[item.key]
             size, mtime = dataset.file_stats[item.key]
             name = dataset.class_names[item.label] if item.label >= 0 else None
             out.append(NewItem(item.key, dataset.spec, sha, np.asarray(vector), item.label, name, item.split,
                                file_size=size, mtime_ns=mtime))  # fmt: skip
     unreadable = [(i.key, *dataset.file_stats.get(i.key, (None, None)), why) for i, why in skipped.skipped]
     return out, unreadable
+
+
+class _Hashing:
+    """The dataset's reader, noting the sha256 of each file as the embedding pass reads it."""
+
+    def __init__(self, dataset: Dataset, hashes: dict[str, str]) -> None:
+        self.dataset, self.hashes = dataset, hashes
+
+    def iter_raw(self, items: list[Item]):  # noqa: ANN201
+        for item, raw in self.dataset.iter_raw(items):
+            if isinstance(raw, bytes):
+                self.hashes[item.key] = hashlib.sha256(raw).hexdigest()
+            yield item, raw

@@ -18,9 +18,7 @@ def duplicates(args: argparse.Namespace) -> int:
     store = IndexStore.open(args.index)
     try:
         groups = find_duplicates(store, args.threshold)
-        members = [i for g in groups for i in g.ids]
-        keys = {i: key for i, (_, key) in zip(members, store.labels_and_keys(members))}
-        report = [{"ids": g.ids, "keys": [keys[i] for i in g.ids], "pairs": g.pairs} for g in groups]
+        report = [{"ids": g.ids, "keys": g.keys, "pairs": g.pairs} for g in groups]
         if args.json:
             args.json.write_text(json.dumps({"threshold": args.threshold, "groups": report}, indent=1))
         if args.out:

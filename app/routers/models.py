@@ -96,9 +96,5 @@ async def duplicates(
     loaded = registry.get(model)
     store = loaded.store
     groups = await asyncio.to_thread(find_duplicates, store, threshold)
-    members = [i for g in groups for i in g.ids]
-    keys = {i: key for i, (_, key) in zip(members, store.labels_and_keys(members))}
-    out = [
-        DuplicateGroup(ids=g.ids, keys=[keys[i] for i in g.ids], max_score=max(s for *_, s in g.pairs)) for g in groups
-    ]
+    out = [DuplicateGroup(ids=g.ids, keys=g.keys, max_score=g.max_score) for g in groups]
     return DuplicatesResponse(model=loaded.name, threshold=threshold, groups=out)

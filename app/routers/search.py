@@ -103,9 +103,10 @@ async def classify(
     settings: Settings,
     model: ModelName = None,
 ) -> ClassifyResponse:
-    if not registry.get(model).embedder.has_classifier:
-        raise Conflict(f"model {registry.get(model).name!r} has no classifier (ImageNet features); use /v1/search")
-    loaded, results, stages = await run_images(request, one_image(file), VOTE_K, model, registry, settings)
+    loaded = registry.get(model)
+    if not loaded.embedder.has_classifier:
+        raise Conflict(f"model {loaded.name!r} has no classifier (ImageNet features); use /v1/search")
+    loaded, results, stages = await run_images(request, one_image(file), VOTE_K, loaded.name, registry, settings)
     took = _took_ms(response, stages, results[0])
     return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, results[0]))
 
