@@ -34,6 +34,15 @@ class ServiceSettings(Settings):
     shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish; then the process exits."
     )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request headers larger than this get 431 and the connection is closed."
+    )
+    header_seconds: float = Field(
+        10.0, gt=0, description="A connection must send a request's headers within this long, or it is closed (408)."
+    )
+    body_seconds: float = Field(
+        30.0, gt=0, description="A request body that stalls (no bytes) for this long gets 408 (slow clients)."
+    )
     max_queue: int = Field(256, ge=1, description="Queued images per model before requests get 503.")
     max_queue_ms: float = Field(
         0.0,

@@ -6,18 +6,18 @@ import asyncio
 import ctypes
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import openapi
 from app.config import ServiceSettings, get_service_settings
+from app.middleware import ObserveMiddleware
 from app.observability import Metrics
 from app.registry import ModelRegistry, detect_device
 from app.routers import health, images, models, search
@@ -27,59 +27,6 @@ from models.manifests import package_version
 log = logging.getLogger("imgsim.app")
 STATIC = Path(__file__).parent / "static"
 HOW_TO_SEND = "send the image as the multipart field 'file' (curl -F file=@q.jpg)"
-
-
-class ObserveMiddleware:
-    """The body limit, request count and latency per endpoint and model.
-
-    A body over the limit gets 413: at once when its Content-Length says so, otherwise as
-    soon as the bytes read pass the limit (chunked bodies too), before any route reads it
-    whole, parses it or checks an API key.
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (``@app.middleware``) costs a
-    measurable share of the per-request time of a fast model.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_upload: int) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.max_upload = max_upload
-        self.limit = max_upload + 64 * 1024  # multipart framing overhead
-        self.too_large = f"upload larger than the {max_upload}-byte limit"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        scope.setdefault("state", {})["start"] = start  # where a request's Server-Timing starts
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:  # FastAPI passes an HTTPException raised while it reads on as it is
-                raise HTTPException(413, self.too_large)
-            return message
-
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            await JSONResponse({"detail": self.too_large}, status_code=413)(scope, receive, send_status)
-        else:
-            await self.app(scope, limited_receive, send_status)
-        endpoint = getattr(scope.get("route"), "path", "unmatched")
-        model = scope.get("state", {}).get("model", "")
-        self.metrics.requests.labels(endpoint, model, str(status)).inc()
-        self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - start)
 
 
 def release_free_memory() -> None:
@@ -128,7 +75,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Image similarity search: classify an image and find its most similar indexed images.",
         lifespan=lifespan,
     )
-    app.state.settings = settings or get_service_settings()
+    app.state.settings = settings = settings or get_service_settings()
+    openapi.install(app, settings.max_k, settings.max_batch_size)
     app.state.metrics = Metrics()
     app.state.decodes = asyncio.Semaphore(app.state.settings.max_decodes)
     for r in (search.router, models.router, models.collection_router, images.router, health.router):
@@ -138,7 +86,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def index_page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    app.add_middleware(ObserveMiddleware, metrics=app.state.metrics, max_upload=app.state.settings.max_upload_bytes)
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=app.state.metrics,
+        max_upload=settings.max_upload_bytes,
+        body_seconds=settings.body_seconds,
+    )
 
     @app.exception_handler(ImgsimError)
     async def imgsim_error(request: Request, exc: ImgsimError) -> JSONResponse:
@@ -156,6 +109,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             if media != "multipart/form-data":
                 return JSONResponse({"detail": f"unsupported content type {media[:64]!r}: {HOW_TO_SEND}"}, 415)
             return JSONResponse({"detail": f"missing the image: {HOW_TO_SEND}"}, 422)
+        too_many = [e for e in errors if e["type"] == "too_long" and e["loc"][-1] == "file"]
+        if too_many:
+            got = len(too_many[0].get("input") or ())
+            return JSONResponse(
+                {"detail": f"send one image as the field 'file', got {got} (/v1/search takes several)"}, 422
+            )
         msgs = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors]
         return JSONResponse({"detail": "; ".join(msgs)}, status_code=422)
 

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 

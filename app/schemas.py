@@ -125,7 +125,7 @@ class ReloadResponse(BaseModel):
 
 
 class ActivateRequest(BaseModel):
-    name: str = Field(description="Name of a loaded model.", examples=["vgg16-cifar10"])
+    name: str = Field(min_length=1, max_length=200, description="Name of a loaded model.", examples=["vgg16-cifar10"])
 
 
 class ActiveResponse(BaseModel):
@@ -148,6 +148,7 @@ class ErrorResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
+    400: "A body that cannot be parsed (malformed multipart or JSON)",
     401: "An API key is configured and the request has none (header X-API-Key)",
     403: "Wrong API key",
     404: "Unknown model or item",

@@ -23,8 +23,11 @@ from models.errors import BadInput, Busy, TooLarge
 VOTE_K = 5  # neighbours that vote on a label
 
 ImageFiles = Annotated[
-    list[UploadFile], File(description="One or more images (repeat the `file` part): one result list per image")
+    list[UploadFile],
+    File(min_length=1, description="One or more images (repeat the `file` part): one result list per image"),
 ]
+# A list of at most one, not a single UploadFile: with one, a second `file` part would silently win.
+OneImage = Annotated[list[UploadFile], File(min_length=1, max_length=1, description="The image (one `file` part)")]
 K = Annotated[
     int, Form(ge=1, le=1024, description="How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5")
 ]
@@ -54,7 +57,14 @@ async def _search_form(
     return SearchForm(file, k, model, min_score, label)
 
 
+async def _analyze_form(
+    file: OneImage, k: K = 5, model: ModelName = None, min_score: MinScore = None, label: Label = None
+) -> SearchForm:
+    return SearchForm(file, k, model, min_score, label)
+
+
 Search = Annotated[SearchForm, Depends(_search_form)]
+AnalyzeForm = Annotated[SearchForm, Depends(_analyze_form)]
 
 
 @dataclass
@@ -115,9 +125,3 @@ async def run_images(
     stages.decoded = time.perf_counter()
     results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
     return loaded, list(results), stages
-
-
-def one_image(files: list[UploadFile]) -> list[UploadFile]:
-    if len(files) != 1:
-        raise BadInput(f"send one image as the multipart field 'file', got {len(files)} (/v1/search takes several)")
-    return files

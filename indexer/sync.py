@@ -139,7 +139,7 @@ def sync_index(
     return report
 
 
-def _embed(embedder, dataset: Dataset, items: list[Item], tta: str, hashes: dict, progress: bool):  # noqa: ANN001, ANN202
+def _embed(embedder, dataset: Dataset, items: list[Item], tta: str, hashes: dict, progress: bool):
     """NewItems of the files that could be read, and (key, size, mtime, reason) of those that could not."""
     skipped = SkipCounter()
     out: list[NewItem] = []
@@ -163,7 +163,7 @@ class _Hashing:
     def __init__(self, dataset: Dataset, hashes: dict[str, str]) -> None:
         self.dataset, self.hashes = dataset, hashes
 
-    def iter_raw(self, items: list[Item]):  # noqa: ANN201
+    def iter_raw(self, items: list[Item]):
         for item, raw in self.dataset.iter_raw(items):
             if isinstance(raw, bytes):
                 self.hashes[item.key] = hashlib.sha256(raw).hexdigest()

@@ -221,7 +221,7 @@ class _FileList:
         self.items = [Item(str(f), 0, "added") for f in files]
         self.spec = "files"
 
-    def iter_raw(self, items: Sequence[Item]):  # noqa: ANN201
+    def iter_raw(self, items: Sequence[Item]):
         for item in items:
             try:
                 yield item, Path(item.key).read_bytes()

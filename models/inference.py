@@ -15,9 +15,9 @@ from models.data import Dataset, SkipCounter, open_dataset
 from models.embed import stream_forward
 from models.errors import ImgsimError
 from models.features import FeatureSplit, features_key, load_cache
-from models.settings import Settings, get_settings
 from models.manifests import MODEL_FILE, ModelManifest, read_model_manifest
 from models.pretrained import build_pretrained, parse_spec, pretrained_manifest
+from models.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import keras

@@ -143,8 +143,9 @@ async def _with_client(client: TestClient, fn: Any) -> Any:
         return await fn(ac)
 
 
-def _serve(model: Path, index: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "IMGSIM_API_KEY": "k", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _serve(model: Path, index: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
+    """`imgsim serve` in a subprocess, ready to answer; ``settings`` are IMGSIM_* variables."""
+    env = {**os.environ, "IMGSIM_API_KEY": "k", "TF_CPP_MIN_LOG_LEVEL": "3", **settings}
     cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120

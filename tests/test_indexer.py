@@ -22,12 +22,12 @@ from PIL import Image
 
 from indexer.build import build_index
 from indexer.embedding import embed_split
-from indexer.update import add_images, remove_ids
 from indexer.evaluate import evaluate, exact_recall_at_k
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
-from indexer.versions import store_dir
 from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
+from indexer.update import add_images, remove_ids
+from indexer.versions import store_dir
 from models.backbones import preprocess
 from models.data import decode_image
 from models.errors import ImgsimError

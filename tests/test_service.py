@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-
 CLASSES = ["blue", "green", "red"]
 RED = (220, 40, 40)
 

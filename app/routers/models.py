@@ -58,7 +58,7 @@ def list_models(registry: Registry) -> ModelsResponse:
     "/active",
     response_model=ActiveResponse,
     dependencies=[Depends(require_admin)],
-    responses=error_responses(401, 403, 404, 422),
+    responses=error_responses(400, 401, 403, 404, 422),
     summary="Switch the default model (admin)",
 )
 def set_active(body: ActivateRequest, request: Request, registry: Registry) -> ActiveResponse:

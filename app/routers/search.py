@@ -23,13 +23,13 @@ from app.schemas import (
     SearchResponse,
     error_responses,
 )
-from app.uploads import VOTE_K, ImageFiles, ModelName, Search, Stages, one_image, run_images, server_timing
+from app.uploads import VOTE_K, AnalyzeForm, ModelName, OneImage, Search, Stages, run_images, server_timing
 from indexer.query import Hit, hits_from_result, search
 from indexer.store import IndexStore, l2_normalise
 from models.errors import Conflict
 
 router = APIRouter(prefix="/v1", tags=["search"])
-ERRORS = error_responses(404, 413, 415, 422, 503)
+ERRORS = error_responses(400, 404, 413, 415, 422, 503)
 
 
 def neighbours(store: IndexStore, model: str, hits: list[Hit]) -> list[Neighbour]:
@@ -92,13 +92,13 @@ async def search_images(
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    responses=error_responses(404, 409, 413, 415, 422, 503),
+    responses=error_responses(400, 404, 409, 413, 415, 422, 503),
     summary="Predicted class + neighbour vote",
 )
 async def classify(
     request: Request,
     response: Response,
-    file: ImageFiles,
+    file: OneImage,
     registry: Registry,
     settings: Settings,
     model: ModelName = None,
@@ -106,7 +106,7 @@ async def classify(
     loaded = registry.get(model)
     if not loaded.embedder.has_classifier:
         raise Conflict(f"model {loaded.name!r} has no classifier (ImageNet features); use /v1/search")
-    loaded, results, stages = await run_images(request, one_image(file), VOTE_K, loaded.name, registry, settings)
+    loaded, results, stages = await run_images(request, file, VOTE_K, loaded.name, registry, settings)
     took = _took_ms(response, stages, results[0])
     return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, results[0]))
 
@@ -118,9 +118,9 @@ async def classify(
     summary="Classification and top-k search from one forward pass",
 )
 async def analyze(
-    request: Request, response: Response, form: Search, registry: Registry, settings: Settings
+    request: Request, response: Response, form: AnalyzeForm, registry: Registry, settings: Settings
 ) -> AnalyzeResponse:
-    loaded, results, stages = await run_images(request, one_image(form.files), form.k, form.model, registry, settings)
+    loaded, results, stages = await run_images(request, form.files, form.k, form.model, registry, settings)
     return AnalyzeResponse(
         model=loaded.name,
         took_ms=_took_ms(response, stages, results[0]),
@@ -131,8 +131,8 @@ async def analyze(
 
 @router.post("/embed", response_model=EmbeddingResponse, responses=ERRORS, summary="An upload's embedding")
 async def embed(
-    request: Request, file: ImageFiles, registry: Registry, settings: Settings, model: ModelName = None
+    request: Request, file: OneImage, registry: Registry, settings: Settings, model: ModelName = None
 ) -> EmbeddingResponse:
-    loaded, results, _ = await run_images(request, one_image(file), 1, model, registry, settings)
+    loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
     v = l2_normalise(results[0].embedding[None])[0]
     return EmbeddingResponse(model=loaded.name, dim=len(v), vector=[round(float(x), 7) for x in v])
