@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from app import openapi
 from app.config import ServiceSettings, get_service_settings
+from app.imaging import decode_pool
+from app.memory import RequestCounter, release_free_memory, trim_when_idle, use_large_image_blocks
 from app.middleware import ObserveMiddleware
 from app.observability import Metrics
 from app.registry import ModelRegistry, detect_device
@@ -27,19 +28,6 @@ from models.manifests import package_version
 log = logging.getLogger("imgsim.app")
 STATIC = Path(__file__).parent / "static"
 HOW_TO_SEND = "send the image as the multipart field 'file' (curl -F file=@q.jpg)"
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Freezing a graph and its first call (TensorFlow's graph optimiser) allocate and free
-    several copies of the weights; glibc keeps the freed pages (docs/performance.md, D7).
-    Trimming once after loading returns them.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 @asynccontextmanager
@@ -59,13 +47,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # py-spy profile of the service benchmark). Freezing moves them out of the collector's view.
     gc.collect()
     gc.freeze()
-    release_free_memory()
+    release_free_memory()  # loading and the graph optimiser free several copies of the weights (D7)
+    use_large_image_blocks()
     registry.start()
+    trimmer = asyncio.get_running_loop().create_task(trim_when_idle(app.state.requests))
     app.state.registry = registry
+    app.state.decode_pool = decode_pool(settings.max_decodes)
     try:
         yield
     finally:
+        trimmer.cancel()
         await registry.stop()
+        app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -78,7 +71,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings = settings or get_service_settings()
     openapi.install(app, settings.max_k, settings.max_batch_size)
     app.state.metrics = Metrics()
-    app.state.decodes = asyncio.Semaphore(app.state.settings.max_decodes)
+    app.state.requests = RequestCounter()
+    app.state.decodes = asyncio.Semaphore(settings.max_decodes)
     for r in (search.router, models.router, models.collection_router, images.router, health.router):
         app.include_router(r)
 
@@ -89,6 +83,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(
         ObserveMiddleware,
         metrics=app.state.metrics,
+        requests=app.state.requests,
         max_upload=settings.max_upload_bytes,
         body_seconds=settings.body_seconds,
     )

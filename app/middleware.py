@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.memory import RequestCounter
 from app.observability import Metrics
 
 log = logging.getLogger("imgsim.app")
@@ -58,9 +59,12 @@ class ObserveMiddleware:
     measurable share of the per-request time of a fast model.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_upload: int, body_seconds: float) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, requests: RequestCounter, max_upload: int, body_seconds: float
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.requests = requests
         self.body_seconds = body_seconds
         self.limit = max_upload + 64 * 1024  # multipart framing overhead
         self.too_large = f"upload larger than the {max_upload}-byte limit"
@@ -81,6 +85,8 @@ class ObserveMiddleware:
 
         body = BodyGuard(receive, self.limit, self.too_large, self.body_seconds)
         length = dict(scope["headers"]).get(b"content-length", b"")
+        self.requests.started += 1
+        self.requests.in_flight += 1
         try:
             if length.isdigit() and int(length) > self.limit:
                 await JSONResponse({"detail": self.too_large}, 413, CLOSE)(scope, receive, send_status)
@@ -88,6 +94,8 @@ class ObserveMiddleware:
                 await self.app(scope, body, send_status)
         except ClientDisconnect:  # raised where a route reads the body itself
             body.disconnected = True
+        finally:
+            self.requests.in_flight -= 1
         if body.disconnected:  # nobody to answer, nothing to fix: one line, not a traceback
             status = CLIENT_GONE
             log.info("client disconnected: %s %s after %d body bytes", scope["method"], scope["path"], body.received)

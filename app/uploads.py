@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, File, Form, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 
 from app.batching import Result
 from app.deps import Registry, Settings
@@ -72,16 +71,16 @@ class Stages:
     """``time.perf_counter()`` marks of one request, for its Server-Timing header."""
 
     start: float  # the request arrived (before FastAPI parsed its form)
-    read: float = 0.0  # the form is parsed and the upload read
+    read: float = 0.0  # the form is parsed (the uploads spooled)
     decoded: float = 0.0  # the image is the model's input
 
 
 def server_timing(stages: Stages, result: Result, total_ms: float) -> str:
     """The Server-Timing header (W3C; browsers' developer tools show it): where the time went, in ms.
 
-    parse: parsing the form and reading the upload; decode: the image to the model's input;
-    queue: waiting for a model call; infer: that call (forward pass and search), shared by
-    its whole batch; total: as ``took_ms``.
+    parse: parsing the form (spooling the uploads); decode: reading the uploads and decoding
+    them to the model's input (waiting for a decode slot included); queue: waiting for a model
+    call; infer: that call (forward pass and search), shared by its whole batch; total: as ``took_ms``.
     """
     ms = {
         "parse": (stages.read - stages.start) * 1000,
@@ -115,13 +114,16 @@ async def run_images(
         raise BadInput(f"at most {settings.max_batch_size} images per request, got {len(files)}")
     loaded = registry.get(model)
     request.state.model = loaded.name
-    data = [await read_image(f, loaded, settings) for f in files]
     stages.read = time.perf_counter()
     size, limit = loaded.embedder.input_size, settings.max_image_pixels
     images = []
-    for d in data:
-        async with request.app.state.decodes:  # at most IMGSIM_MAX_DECODES at once, whatever the load
-            images.append(await run_in_threadpool(decode_upload, d, size, limit))
+    for f in files:
+        # At most IMGSIM_MAX_DECODES at once, whatever the load; the bytes are read inside too,
+        # so waiting uploads stay in the form's spool files (memory up to 1 MB, then disk).
+        async with request.app.state.decodes:
+            data = await read_image(f, loaded, settings)
+            pool = request.app.state.decode_pool
+            images.append(await asyncio.get_running_loop().run_in_executor(pool, decode_upload, data, size, limit))
     stages.decoded = time.perf_counter()
     results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
     return loaded, list(results), stages

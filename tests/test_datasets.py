@@ -536,3 +536,36 @@ def test_real_cifar10_archive() -> None:
     assert [item for item, _ in decoded] == test_items
     assert all(arr.shape == (32, 32, 3) and arr.dtype == np.uint8 for _, arr in decoded)
     assert Counter(item.label for item in test_items) == {label: 20 for label in range(10)}
+
+
+def _large(mode: str) -> tuple[bytes, tuple[int, int, int]]:
+    """A 1500x1200 image in ``mode`` and the RGB colour it must decode to."""
+    size = (1500, 1200)
+    if mode == "P+transparency":
+        img = Image.new("P", size, 1)
+        img.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+        img.info["transparency"] = 0  # colour 0 transparent, the image is all colour 1
+        return _png_of(img, transparency=0), (200, 30, 40)
+    if mode == "RGBA half transparent":
+        return _png_of(Image.new("RGBA", size, (0, 0, 255, 128))), (127, 127, 255)
+    if mode == "I;16":
+        return _png_of(Image.fromarray(np.full(size[::-1], 0x8000, np.uint16))), (128, 128, 128)
+    if mode == "1":
+        return _png_of(Image.new("1", size, 1)), (255, 255, 255)
+    return _png_of(Image.new(mode, size, (10, 200, 30))), (10, 200, 30)
+
+
+def _png_of(img: Image.Image, **kw: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG", **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P+transparency", "RGBA half transparent", "I;16", "1"])
+def test_large_images_shrink_before_conversion_without_changing_colours(mode: str) -> None:
+    """Large images are box-reduced before palette expansion or alpha compositing (to bound
+    memory); the colours must come out as the full-size conversion gives them."""
+    data, colour = _large(mode)
+    out = decode_image(data, 32)
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out.astype(int) - colour).max() <= 2, (mode, out[16, 16])

@@ -25,6 +25,32 @@ _IMAGE_MAGIC: tuple[bytes, ...] = (
 )
 
 
+REDUCING_GAP = 3.0  # the final resize: a box reduce to within 3x of the target, then bicubic
+
+
+def _shrink(img: Image.Image, size: int | None) -> Image.Image:
+    """Box-reduce a large decoded image before its conversion to RGB, so that the conversion's
+    copies (palette expansion, alpha compositing) are made at the small size, not at 40 MP.
+
+    The factor is the one the final ``resize(reducing_gap=3)`` would use, so RGB and grey
+    images come out as before within a few levels of 255 (Pillow's own reduce also keeps the
+    fractional remainder); only the decode itself is paid at full size.
+    """
+    if size is None:
+        return img
+    fx, fy = int(img.width / size / REDUCING_GAP) or 1, int(img.height / size / REDUCING_GAP) or 1
+    if (fx, fy) == (1, 1):
+        return img
+    if img.mode.startswith("I;16"):  # 16-bit grey: its top byte, as _to_rgb does
+        arr = np.array(img)
+        img = Image.fromarray(np.right_shift(arr, 8, out=arr).astype(np.uint8))
+    elif img.mode in ("P", "PA") or "transparency" in img.info:  # palette indices cannot be averaged
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    return img.reduce((fx, fy))
+
+
 def _looks_like_image(head: bytes) -> bool:
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return True
@@ -62,7 +88,7 @@ def decode_image(
         img = _image_from_bytes(bytes(raw), limit, size, formats)
     try:
         if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
         out = np.array(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
         raise UnreadableImage("corrupt", str(exc)) from exc
@@ -113,7 +139,7 @@ def _image_from_bytes(data: bytes, limit: int, size: int | None, formats: Collec
         orientation = img.getexif().get(0x0112, 1)
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(_shrink(img, size))
     except Image.DecompressionBombError as exc:
         raise UnreadableImage("too_large", str(exc)) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, zlib.error) as exc:

@@ -1,0 +1,159 @@
+"""Worst-case uploads within the limits: does the service stay responsive and inside its memory ceiling?
+
+Small files that decode to the most memory the pixel limit allows (16-bit RGBA and grey PNGs,
+palette and bilevel PNGs, a progressive JPEG, a lossless RGBA WebP, a GIF), sent
+``--concurrency`` at a time in ``--bursts`` bursts to a real ``imgsim serve``. Meanwhile
+``/healthz`` is timed every 50 ms and the process's RSS sampled every 20 ms. Reports the idle,
+peak and after-burst RSS against the ceiling the README documents, and /healthz's latency.
+
+    .venv/bin/python -m benchmarks.worst_uploads --model runs/resnet50-cifar10 --index indexes/resnet50-cifar10-hnsw16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import latency_percentiles, log, write_json
+from benchmarks.service import Service
+
+BYTES_PER_PIXEL = 16  # the worst decode measured (lossless RGBA WebP): see the README's limits
+
+
+def _png16_rgba(side: int) -> bytes:
+    """Pillow cannot write 16-bit RGBA: a constant-colour one by hand (it compresses to ~0.5 MB)."""
+    row = b"\x00" + struct.pack(">4H", 12345, 54321, 30000, 40000) * side
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b"")
+
+
+def _save(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def worst_images(max_pixels: int) -> dict[str, bytes]:
+    """One file per expensive kind, each just under the pixel limit."""
+    side = int(max_pixels**0.5) - 1
+    ramp = np.tile(np.linspace(0, 255, side).astype(np.uint8), (side, 1))
+    return {
+        "rgba16.png": _png16_rgba(side),
+        "grey16.png": _save(Image.fromarray(np.full((side, side), 40000, np.uint16)), "PNG"),
+        "palette.png": _save(Image.new("P", (side, side), 3), "PNG"),
+        "bilevel.png": _save(Image.new("1", (side, side), 1), "PNG"),
+        "progressive.jpg": _save(Image.fromarray(ramp).convert("RGB"), "JPEG", quality=60, progressive=True),
+        "rgba.webp": _save(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "WEBP", lossless=True),
+        "palette.gif": _save(Image.new("P", (side, side), 1), "GIF"),
+    }
+
+
+class Sampler(threading.Thread):
+    """RSS every 20 ms and /healthz latency every 50 ms, until stopped."""
+
+    def __init__(self, svc: Service) -> None:
+        super().__init__(daemon=True)
+        self.svc, self.stop_flag = svc, threading.Event()
+        self.rss: list[float] = []
+        self.health: list[float] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.svc.url, timeout=30) as client:
+            next_health = 0.0
+            while not self.stop_flag.is_set():
+                self.rss.append(self.svc.rss_mb())
+                if time.monotonic() >= next_health:
+                    start = time.perf_counter()
+                    client.get("/healthz").raise_for_status()
+                    self.health.append(time.perf_counter() - start)
+                    next_health = time.monotonic() + 0.05
+                time.sleep(0.02)
+
+
+async def burst(url: str, files: list[tuple[str, bytes]]) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        answers = await asyncio.gather(*(client.post("/v1/search", files={"file": f}) for f in files))
+    return [r.status_code for r in answers]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from app.config import ServiceSettings
+
+    settings = ServiceSettings()
+    images = worst_images(settings.max_image_pixels)
+    log("worst-case files: " + ", ".join(f"{k} {len(v) / 1e3:.0f} kB" for k, v in images.items()))
+    env = {"IMGSIM_MAX_DECODES": str(args.max_decodes)}
+    with Service(args.model, args.index, env, args.log, timeout=300) as svc:
+        asyncio.run(burst(svc.url, [("warm.png", _save(Image.new("RGB", (64, 64)), "PNG"))]))
+        time.sleep(1.0)
+        idle = svc.rss_mb()
+        sampler = Sampler(svc)
+        sampler.start()
+        kinds = list(images.items())
+        rounds = []
+        for b in range(args.bursts):
+            files = [kinds[(b + i) % len(kinds)] for i in range(args.concurrency)]
+            start = time.perf_counter()
+            codes = asyncio.run(burst(svc.url, files))
+            seconds = time.perf_counter() - start
+            time.sleep(args.settle)
+            rounds.append({"seconds": round(seconds, 2), "statuses": sorted(set(codes)), "rss_after_mb": svc.rss_mb()})
+            log(f"burst {b + 1}: {seconds:.1f} s, statuses {sorted(set(codes))}, RSS after {rounds[-1]['rss_after_mb']} MB")
+        sampler.stop_flag.set()
+        sampler.join()
+    per_decode = BYTES_PER_PIXEL * settings.max_image_pixels + settings.max_upload_bytes
+    ceiling = idle + args.max_decodes * per_decode / 2**20
+    health = latency_percentiles(sampler.health)
+    return {
+        "files": {k: len(v) for k, v in images.items()},
+        "concurrency": args.concurrency,
+        "max_decodes": args.max_decodes,
+        "idle_rss_mb": idle,
+        "peak_rss_mb": max(sampler.rss),
+        "ceiling_mb": round(ceiling, 1),
+        "bursts": rounds,
+        "healthz_ms": health,
+        "healthz_max_ms": round(max(sampler.health) * 1000, 1),
+        "pass": max(sampler.rss) <= ceiling and max(sampler.health) < 0.1,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="model directory or backbone name (e.g. resnet50:128)")
+    p.add_argument("--index", type=Path, required=True, help="index directory built from --model")
+    p.add_argument("--concurrency", type=int, default=16, help="uploads in flight at once (default 16)")
+    p.add_argument("--bursts", type=int, default=3, help="bursts, with --settle seconds between them (default 3)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds after a burst before its RSS is read")
+    p.add_argument("--max-decodes", type=int, default=2, help="IMGSIM_MAX_DECODES of the service (default 2)")
+    p.add_argument("--log", type=Path, default=Path("out/worst_uploads.log"), help="the service's log")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+    args = p.parse_args(argv)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    write_json(args.out, result)
+    h = result["healthz_ms"]
+    print(f"RSS idle {result['idle_rss_mb']} MB, peak {result['peak_rss_mb']} MB (ceiling {result['ceiling_mb']} MB), "
+          f"after bursts {[r['rss_after_mb'] for r in result['bursts']]} MB")  # fmt: skip
+    print(f"/healthz during bursts: p50 {h.get('p50_ms')} ms, p99 {h.get('p99_ms')} ms, max {result['healthz_max_ms']} ms")
+    print("PASS" if result["pass"] else "FAIL")
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
