@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?=
+MODEL ?=  # with DATA: the backbone whose ImageNet features index it (resnet50, vgg16, inceptionv3[:SIZE])
 OUT ?= out
 DEMO ?= $(OUT)/demo
 HOST ?= 127.0.0.1
@@ -27,7 +28,7 @@ demo: demo-build
 	$(BIN)/imgsim serve --model $$(cut -d' ' -f1 $(DEMO)/serve) --index $$(cut -d' ' -f2 $(DEMO)/serve) --host $(HOST) --port $(PORT)
 
 demo-build: venv
-	bash scripts/demo-build.sh $(BIN) $(DEMO) "$(DATA)"
+	bash scripts/demo-build.sh $(BIN) $(DEMO) "$(DATA)" "$(MODEL)"
 
 # Start the demo service in the background, wait for /readyz, search with a test photo, stop.
 demo-check: demo-build

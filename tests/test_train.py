@@ -169,7 +169,7 @@ def test_interrupted_run_resumes(colour_data: Path, tmp_path: Path, settings: Se
 
 
 def test_simple_cnn_ensemble_votes(colour_data: Path, tmp_path: Path, settings: Settings) -> None:
-    from models.ensemble import evaluate_ensemble, majority_vote
+    from models.ensemble import evaluate_ensemble, majority_vote, soft_vote
 
     dirs = []
     for seed in (1, 2, 3):
@@ -178,10 +178,13 @@ def test_simple_cnn_ensemble_votes(colour_data: Path, tmp_path: Path, settings: 
     res = evaluate_ensemble(dirs, str(colour_data), "test", settings, progress=False)
     assert res["count"] == 12 and len(res["members"]) == 3
     assert 0.0 <= res["ensemble_accuracy"] <= 1.0
+    labels = np.array(res["labels"])
+    assert res["soft_vote_accuracy"] == pytest.approx(float((np.array(res["soft_predictions"]) == labels).mean()))
 
     # Two of three models say class 1: the vote is 1 even though model 0 is very sure of class 0.
     p = [np.array([[0.99, 0.01, 0.0]]), np.array([[0.4, 0.6, 0.0]]), np.array([[0.3, 0.7, 0.0]])]
     assert majority_vote(p).tolist() == [1]
+    assert soft_vote(p).tolist() == [0]  # the mean probability: 0.56 for class 0, 0.44 for class 1
     # A three-way tie goes to the largest summed probability.
     p = [np.array([[0.5, 0.3, 0.2]]), np.array([[0.1, 0.8, 0.1]]), np.array([[0.2, 0.2, 0.6]])]
     assert majority_vote(p).tolist() == [1]
@@ -190,6 +193,8 @@ def test_simple_cnn_ensemble_votes(colour_data: Path, tmp_path: Path, settings: 
 def test_clear_errors(colour_data: Path, tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(ImgsimError, match="unknown backbone"):
         train(_opts(colour_data, tmp_path / "x", backbone="alexnet"), settings, progress=False)
+    with pytest.raises(ImgsimError, match=r"inceptionv3: it takes 75\.\.1024 pixels"):
+        train(_opts(colour_data, tmp_path / "i", backbone="inceptionv3", input_size=64), settings, progress=False)
     with pytest.raises(ImgsimError, match="not found"):
         train(_opts(tmp_path / "nowhere", tmp_path / "y", backbone="simple-cnn"), settings, progress=False)
     one = tmp_path / "one" / "only"

@@ -132,11 +132,12 @@ def _knn_accuracy(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test
 
 
 @pytest.mark.slow
-def test_vgg16_imagenet_features_beat_random_init() -> None:
-    """kNN on CIFAR-10 features: ImageNet VGG16 must be far above a random VGG16."""
+@pytest.mark.parametrize(("backbone", "size"), [("vgg16", 64), ("inceptionv3", 139)])
+def test_imagenet_features_beat_random_init(backbone: str, size: int) -> None:
+    """kNN on CIFAR-10 features: the rebuilt ImageNet weights must be far above a random network."""
     import keras
 
-    from models.backbones import build_backbone, make_forward
+    from models.backbones import build_backbone, get_spec, make_forward
     from models.data import open_dataset
     from models.embed import embed_items
 
@@ -148,15 +149,32 @@ def test_vgg16_imagenet_features_beat_random_init() -> None:
     results = {}
     for pretrained in (True, False):
         keras.utils.set_random_seed(0)
-        model, _ = build_backbone("vgg16", 64, pretrained=pretrained)
-        forward = make_forward(model, "caffe")
-        tr = embed_items(forward, dataset, train, 64, 32, progress=False)
-        te = embed_items(forward, dataset, test, 64, 32, progress=False)
+        model, _ = build_backbone(backbone, size, pretrained=pretrained)
+        forward = make_forward(model, get_spec(backbone).preprocessing)
+        tr = embed_items(forward, dataset, train, size, 32, progress=False)
+        te = embed_items(forward, dataset, test, size, 32, progress=False)
         results[pretrained] = _knn_accuracy(tr.vectors, tr.labels, te.vectors, te.labels)
-    msg = f"kNN accuracy (k=5, 300 train / 300 test CIFAR-10 images, 64 px): ImageNet VGG16 {results[True]:.3f}, random VGG16 {results[False]:.3f}"
+    msg = (
+        f"kNN accuracy (k=5, 300 train / 300 test CIFAR-10 images, {size} px): ImageNet {backbone} "
+        f"{results[True]:.3f}, random {backbone} {results[False]:.3f}"
+    )
     print(msg)
     assert results[True] >= results[False] + 0.15, msg
     assert results[True] >= 0.40, msg
+
+
+def test_torchscript_reader_refuses_code() -> None:
+    """The InceptionV3 archive is a pickle: anything but module placeholders and tensors is refused."""
+    import io
+    import zipfile
+
+    from models.weights_inception import read_convolutions
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("m/data.pkl", pickle.dumps(os.system))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        read_convolutions(archive.getvalue())
 
 
 def test_tensor_digest_is_stable_and_content_based() -> None:

@@ -44,6 +44,7 @@ def evaluate_ensemble(args: argparse.Namespace) -> int:
     for m in res["members"]:
         print(f"{m['name']:<{width}}{m['backbone']:<12}{m['accuracy']:.4f}")
     print(f"{'majority vote':<{width}}{'':<12}{res['ensemble_accuracy']:.4f}")
+    print(f"{'soft vote':<{width}}{'':<12}{res['soft_vote_accuracy']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -80,7 +80,7 @@ def no_cache() -> argparse.ArgumentParser:
 
 MODEL_HELP = (
     "MODEL_DIR from `imgsim train`, or a backbone name for ImageNet features without training: "
-    "resnet50, vgg16, optionally with an input size (resnet50:128; default 224)"
+    "resnet50, vgg16, inceptionv3, optionally with an input size (resnet50:128; default 224)"
 )
 
 

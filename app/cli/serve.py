@@ -23,7 +23,9 @@ def check_model_pairs(pairs: Sequence[ModelPair]) -> None:
     names: set[str] = set()
     for pair in pairs:
         if not pair.model.is_dir() and not parse_spec(pair.model):
-            raise NotFound(f"model directory not found: {pair.model} (or name a backbone: resnet50, vgg16)")
+            raise NotFound(
+                f"model directory not found: {pair.model} (or name a backbone: resnet50, vgg16, inceptionv3)"
+            )
         if not pair.index.is_dir():
             raise NotFound(f"index directory not found: {pair.index}")
         manifest = manifest_of(pair.model)

