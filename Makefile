@@ -44,7 +44,7 @@ clean:
 CIFAR ?= ../shared/data/cifar10-jpg.tar.gz
 RUNS ?= runs
 
-.PHONY: cifar10-resnet50 cifar10-vgg16 cifar10-simple-cnn cifar10-ensemble cifar10-results
+.PHONY: cifar10-resnet50 cifar10-vgg16 cifar10-inceptionv3 cifar10-simple-cnn cifar10-ensemble cifar10-results
 cifar10-resnet50: venv
 	$(BIN)/imgsim train --backbone resnet50 --data $(CIFAR) --out $(RUNS)/resnet50-cifar10 --input-size 128 \
 	  --trainable last-block --flip --shift 1 --mixed-precision --lr-schedule cosine --label-smoothing 0.1 \
@@ -53,12 +53,16 @@ cifar10-vgg16: venv
 	$(BIN)/imgsim train --backbone vgg16 --data $(CIFAR) --out $(RUNS)/vgg16-cifar10 --input-size 64 \
 	  --trainable last-block --flip --mixed-precision --lr-schedule cosine --label-smoothing 0.1 \
 	  --epochs 6 --patience 3 --learning-rate 3e-4
+cifar10-inceptionv3: venv
+	$(BIN)/imgsim train --backbone inceptionv3 --data $(CIFAR) --out $(RUNS)/inceptionv3-cifar10 --input-size 171 \
+	  --trainable last-block --flip --mixed-precision --lr-schedule cosine --label-smoothing 0.1 \
+	  --epochs 6 --patience 3 --learning-rate 3e-4
 cifar10-simple-cnn: venv
 	$(BIN)/imgsim train --backbone simple-cnn --data $(CIFAR) --out $(RUNS)/simple-cnn-cifar10 --input-size 32 \
 	  --epochs 8 --patience 3 --learning-rate 1e-3
 cifar10-ensemble: venv
-	$(BIN)/imgsim evaluate-ensemble --data $(CIFAR) --model $(RUNS)/resnet50-cifar10 --model $(RUNS)/vgg16-cifar10 \
-	  --model $(RUNS)/simple-cnn-cifar10 --json $(RUNS)/ensemble.json
+	$(BIN)/imgsim evaluate-ensemble --data $(CIFAR) --model $(RUNS)/vgg16-cifar10 --model $(RUNS)/resnet50-cifar10 \
+	  --model $(RUNS)/inceptionv3-cifar10 --json $(RUNS)/ensemble.json
 INDEXES ?= indexes
 cifar10-index-%: venv
 	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10
@@ -104,8 +108,8 @@ container-check:
 # e.g. `make bench BENCH_ARGS=--quick` (smoke run, written to out/benchmarks-quick.md).
 # By default the FAISS step (20-30 min, mostly 1M-vector HNSW builds) keeps its results from
 # docs/benchmarks.json; `make bench BENCH_ARGS=` measures it too.
-BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10
-BENCH_INDEXES ?= indexes/resnet50-cifar10-hnsw16 indexes/vgg16-cifar10-hnsw16
+BENCH_MODELS ?= runs/resnet50-cifar10 runs/vgg16-cifar10 runs/inceptionv3-cifar10-171
+BENCH_INDEXES ?= indexes/resnet50-cifar10-hnsw16 indexes/vgg16-cifar10-hnsw16 indexes/inceptionv3-cifar10-hnsw16
 BENCH_ARGS ?= --skip faiss --keep docs/benchmarks.json --requests 1000
 .PHONY: bench
 bench: venv

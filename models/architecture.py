@@ -29,7 +29,8 @@ TRAINABLE_CHOICES: tuple[str, ...] = ("frozen", "last-block")
 BACKBONES: tuple[str, ...] = (*BACKBONE_SPECS, "simple-cnn")
 
 # Output of the last frozen layer when only the last block trains ("classic last four layers").
-LAST_BLOCK_CUT = {"resnet50": "conv4_block6_out", "vgg16": "block4_pool", "inceptionv3": "mixed9"}
+# InceptionV3: its top two inception blocks (mixed9, mixed10), as in the Keras fine-tuning example.
+LAST_BLOCK_CUT = {"resnet50": "conv4_block6_out", "vgg16": "block4_pool", "inceptionv3": "mixed8"}
 INPUT_LAYER = "image"
 
 

@@ -39,6 +39,7 @@ def evaluate_ensemble(
         dataset = open_as_trained(trained.manifest, data, settings)
         keys, labels, probs = predict_split(trained, dataset, split, settings, progress=progress)
         per_model.append((keys, labels, probs))
+        results.setdefault("class_names", trained.manifest.class_names)
         results["members"].append(
             {
                 "name": trained.name,

@@ -47,7 +47,26 @@ def evaluate_ensemble(args: argparse.Namespace) -> int:
     print(f"{'soft vote':<{width}}{'':<12}{res['soft_vote_accuracy']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+    if args.report:
+        write_vote_reports(res, args.report)
     return 0
+
+
+def write_vote_reports(res: dict, out: Path) -> None:
+    """Per-class tables and confusion matrices of the hard and the soft vote."""
+    import numpy as np
+
+    from models.report import confusion_matrix, format_report, per_class_report, plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    names, labels = res["class_names"], np.array(res["labels"])
+    for vote in ("hard", "soft"):
+        predictions = np.array(res[f"{vote}_predictions"])
+        cm = confusion_matrix(labels, predictions, len(names))
+        accuracy = float((predictions == labels).mean())
+        (out / f"{vote}-vote-report.txt").write_text(format_report(per_class_report(cm, names), accuracy) + "\n")
+        plot_confusion(cm, names, out / f"{vote}-vote-confusion.png", f"{vote} vote of {len(res['members'])} models")
+        print(f"{vote} vote: {out / f'{vote}-vote-report.txt'}, {out / f'{vote}-vote-confusion.png'}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,11 +94,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate-ensemble",
         parents=[options.json_out(), options.quiet()],
-        help="majority-vote several trained models on a split",
+        help="hard (majority) and soft votes of several trained models on a split",
         description="Each model predicts the split; the ensemble takes the most-voted class "
         "(ties: highest summed probability). Prints each member's accuracy next to the ensemble's.",
     )
     p.add_argument("--model", type=Path, action="append", required=True, help="MODEL_DIR (repeat, at least 2)")
     p.add_argument("--data", required=True, help="dataset spec (as for train)")
     p.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
+    p.add_argument(
+        "--report", type=Path, default=None, metavar="DIR", help="per-class tables and confusion matrices of both votes"
+    )
     p.set_defaults(func=evaluate_ensemble)
