@@ -134,6 +134,9 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     active: str
     models: list[ModelInfo]
+    ensemble: list[str] = Field(
+        default_factory=list, description="The models that vote for model=ensemble in /v1/classify (empty: none)."
+    )
 
 
 class ReloadResponse(BaseModel):

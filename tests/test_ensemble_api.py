@@ -40,6 +40,7 @@ def test_classify_with_the_ensemble(make_service_app: Callable[..., Any]) -> Non
                 mean[t["label"]] = mean.get(t["label"], 0.0) + t["probability"] / 2
         assert body["prediction"]["label"] == max(mean, key=mean.get) == body["ensemble"]["soft_vote"]
         assert body["ensemble"]["hard_vote"] in mean
+        assert c.get("/v1/models").json()["ensemble"] == ["a", "b"]
         # The form field works too; search cannot use the ensemble.
         assert c.post("/v1/classify", files=upload(png()), data={"model": "ensemble"}).status_code == 200
         assert_error(c.post("/v1/search", files=upload(png()), data={"model": "ensemble"}), 422, "only classifies")
@@ -48,5 +49,6 @@ def test_classify_with_the_ensemble(make_service_app: Callable[..., Any]) -> Non
 def test_an_ensemble_needs_two_classifiers(make_service_app: Callable[..., Any]) -> None:
     with TestClient(make_service_app(names=("a",))) as c:
         assert_error(c.post("/v1/classify?model=ensemble", files=upload(png())), 409, "two or more")
+        assert c.get("/v1/models").json()["ensemble"] == []
     with TestClient(make_service_app(names=("a", "b"), ensemble=["a", "nope"])) as c:
         assert_error(c.post("/v1/classify?model=ensemble", files=upload(png())), 404, "unknown model")

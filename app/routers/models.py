@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.deps import Registry, require_admin
+from app import ensemble
+from app.deps import Registry, Settings, require_admin
 from app.schemas import (
     ActivateRequest,
     ActiveResponse,
@@ -19,13 +20,14 @@ from app.schemas import (
     error_responses,
 )
 from indexer.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from models.errors import ImgsimError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 collection_router = APIRouter(prefix="/v1", tags=["images"])
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and which one is active")
-def list_models(registry: Registry) -> ModelsResponse:
+def list_models(registry: Registry, settings: Settings) -> ModelsResponse:
     active = registry.active
     out = []
     for name, m in registry.models.items():
@@ -51,7 +53,11 @@ def list_models(registry: Registry) -> ModelsResponse:
                 metrics=metrics,
             )
         )
-    return ModelsResponse(active=active, models=out)
+    try:
+        voters = [m.name for m in ensemble.members(registry, settings)]
+    except ImgsimError:
+        voters = []
+    return ModelsResponse(active=active, models=out, ensemble=voters)
 
 
 @router.put(
