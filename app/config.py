@@ -31,6 +31,12 @@ class ServiceSettings(Settings):
     max_decodes: int = Field(
         2, ge=1, description="Uploads decoded at once; the rest wait their turn (bounds decoding memory and CPU)."
     )
+    max_webp_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description="WebP uploads with more pixels get 413: Pillow's WebP decoder holds the GIL while it copies "
+        "a frame (about 2 ms per megapixel), which stalls every other request meanwhile.",
+    )
     shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish; then the process exits."
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from models.data import decode_image
-from models.errors import UNREADABLE_STATUS, UnreadableImage, UnsupportedType
+from models.errors import UNREADABLE_STATUS, TooLarge, UnreadableImage, UnsupportedType
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"}  # MPO: multi-picture JPEG from cameras
 ALLOWED_CONTENT_TYPES = {
@@ -46,12 +48,28 @@ def check_content_type(content_type: str | None) -> None:
         raise UnsupportedType(f"unsupported content type {ct[:64]!r}: {SEND}")
 
 
-def decode_upload(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+def _check_webp(data: bytes, max_pixels: int) -> None:
+    """Pillow's WebP decoder holds the GIL while it copies the decoded frame (about 80 ms at
+    40 megapixels, measured by benchmarks/worst_uploads.py), stalling every other request:
+    WebP uploads get a smaller pixel limit than other formats."""
+    if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - a broken header is decode_image's to report
+        return
+    if w * h > max_pixels:
+        raise TooLarge(f"WebP image has too many pixels ({w}x{h}; the WebP limit is {max_pixels}): send a JPEG or PNG")
+
+
+def decode_upload(data: bytes, size: int, max_pixels: int, max_webp_pixels: int | None = None) -> np.ndarray:
     """Bytes -> (size, size, 3) uint8, or an error (413/415/422) saying what is wrong.
 
-    One ``Image.open``: the format and the pixel count are checked from the header
-    before any pixel is decoded.
+    The format and the pixel count are checked from the header before any pixel is decoded.
     """
+    if max_webp_pixels is not None:
+        _check_webp(data, max_webp_pixels)
     try:
         return decode_image(data, size, max_pixels=max_pixels, formats=ALLOWED_FORMATS)
     except UnreadableImage as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import time
 
 from PIL import Image
 
@@ -49,4 +50,6 @@ async def trim_when_idle(requests: RequestCounter, seconds: float = 2.0) -> None
         await asyncio.sleep(seconds)
         if requests.started != seen and requests.in_flight == 0:
             seen = requests.started
+            start = time.perf_counter()
             await asyncio.to_thread(release_free_memory)
+            log.info("heap trimmed in %.0f ms", (time.perf_counter() - start) * 1000)

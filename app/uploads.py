@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, File, Form, Request, UploadFile
@@ -124,7 +125,8 @@ async def run_images(
         async with request.app.state.decodes:
             data = await read_image(f, loaded, settings)
             pool = request.app.state.decode_pool
-            images.append(await asyncio.get_running_loop().run_in_executor(pool, decode_upload, data, size, limit))
+            decode = partial(decode_upload, data, size, limit, settings.max_webp_pixels)
+            images.append(await asyncio.get_running_loop().run_in_executor(pool, decode))
     stages.decoded = time.perf_counter()
     results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
     return loaded, list(results), stages

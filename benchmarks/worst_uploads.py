@@ -28,7 +28,10 @@ from PIL import Image
 from benchmarks.common import latency_percentiles, log, write_json
 from benchmarks.service import Service
 
-BYTES_PER_PIXEL = 16  # the worst decode measured (lossless RGBA WebP): see the README's limits
+# The costliest decodes measured, in bytes per pixel: a 16-bit RGBA PNG (8.1, under the pixel
+# limit) and a lossless RGBA WebP (16.1, under the WebP limit); README, "Limits and guarantees".
+BYTES_PER_PIXEL = 9
+WEBP_BYTES_PER_PIXEL = 17
 
 
 def _png16_rgba(side: int) -> bytes:
@@ -50,9 +53,9 @@ def _save(img: Image.Image, fmt: str, **kw: Any) -> bytes:
     return out.getvalue()
 
 
-def worst_images(max_pixels: int) -> dict[str, bytes]:
-    """One file per expensive kind, each just under the pixel limit."""
-    side = int(max_pixels**0.5) - 1
+def worst_images(max_pixels: int, max_webp_pixels: int) -> dict[str, bytes]:
+    """One file per expensive kind, each just under its pixel limit."""
+    side, webp_side = int(max_pixels**0.5) - 1, int(min(max_pixels, max_webp_pixels) ** 0.5) - 1
     ramp = np.tile(np.linspace(0, 255, side).astype(np.uint8), (side, 1))
     return {
         "rgba16.png": _png16_rgba(side),
@@ -60,9 +63,52 @@ def worst_images(max_pixels: int) -> dict[str, bytes]:
         "palette.png": _save(Image.new("P", (side, side), 3), "PNG"),
         "bilevel.png": _save(Image.new("1", (side, side), 1), "PNG"),
         "progressive.jpg": _save(Image.fromarray(ramp).convert("RGB"), "JPEG", quality=60, progressive=True),
-        "rgba.webp": _save(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "WEBP", lossless=True),
+        "rgba.webp": _save(Image.new("RGBA", (webp_side, webp_side), (10, 200, 30, 128)), "WEBP", lossless=True),
         "palette.gif": _save(Image.new("P", (side, side), 1), "GIF"),
     }
+
+
+def _decode_peak(data: bytes, size: int, max_pixels: int, max_webp_pixels: int) -> tuple[float, float]:
+    """In a fresh process: (RSS growth in MB while one decode runs, its seconds)."""
+    import psutil
+
+    from app.imaging import decode_upload
+    from app.memory import use_large_image_blocks
+
+    use_large_image_blocks()  # as the service does
+    proc, stop = psutil.Process(), threading.Event()
+    base = peak = proc.memory_info().rss
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    decode_upload(data, size, max_pixels, max_webp_pixels)
+    seconds = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    return (peak - base) / 2**20, seconds
+
+
+def decode_peaks(images: dict[str, bytes], size: int, max_pixels: int, webp: int) -> dict[str, dict[str, float]]:
+    """What one decode of each kind costs, each in its own process (a clean heap)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = {}
+    for name, data in images.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            mb, seconds = pool.submit(_decode_peak, data, size, max_pixels, webp).result()
+        limit = webp if name.endswith(".webp") else max_pixels
+        out[name] = {"peak_mb": round(mb, 1), "bytes_per_pixel": round(mb * 2**20 / limit, 1),
+                     "seconds": round(seconds, 3)}  # fmt: skip
+        log(f"one decode of {name}: +{mb:.0f} MB, {seconds * 1000:.0f} ms")
+    return out
 
 
 class Sampler(threading.Thread):
@@ -97,8 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from app.config import ServiceSettings
 
     settings = ServiceSettings()
-    images = worst_images(settings.max_image_pixels)
+    images = worst_images(settings.max_image_pixels, settings.max_webp_pixels)
     log("worst-case files: " + ", ".join(f"{k} {len(v) / 1e3:.0f} kB" for k, v in images.items()))
+    peaks = decode_peaks(images, 224, settings.max_image_pixels, settings.max_webp_pixels)
     env = {"IMGSIM_MAX_DECODES": str(args.max_decodes)}
     with Service(args.model, args.index, env, args.log, timeout=300) as svc:
         asyncio.run(burst(svc.url, [("warm.png", _save(Image.new("RGB", (64, 64)), "PNG"))]))
@@ -120,11 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         sampler.stop_flag.set()
         sampler.join()
-    per_decode = BYTES_PER_PIXEL * settings.max_image_pixels + settings.max_upload_bytes
+    pixels = max(BYTES_PER_PIXEL * settings.max_image_pixels, WEBP_BYTES_PER_PIXEL * settings.max_webp_pixels)
+    per_decode = pixels + settings.max_upload_bytes
     ceiling = idle + args.max_decodes * per_decode / 2**20
     health = latency_percentiles(sampler.health)
     return {
         "files": {k: len(v) for k, v in images.items()},
+        "one_decode": peaks,
         "concurrency": args.concurrency,
         "max_decodes": args.max_decodes,
         "idle_rss_mb": idle,

@@ -359,6 +359,16 @@ def test_decompression_bombs_refused_from_header(active_a: TestClient) -> None:
     assert time.perf_counter() - start < 10
 
 
+def test_webp_has_its_own_pixel_limit(make_service_app: Callable[..., Any]) -> None:
+    """Pillow's WebP decoder holds the GIL while it copies a frame: WebP gets a smaller limit."""
+    webp = encode(noisy(size=48), "WEBP")  # 2,304 pixels
+    with TestClient(make_service_app(names=("a",), max_webp_pixels=2_000)) as c:
+        assert_error(c.post("/v1/search", files=upload(webp, "q.webp", "image/webp")), 413, "WebP limit is 2000")
+        assert c.post("/v1/search", files=upload(png(noisy(size=48)))).status_code == 200  # other formats: 40 M
+    with TestClient(make_service_app(names=("a",), max_webp_pixels=3_000)) as c:
+        assert c.post("/v1/search", files=upload(webp, "q.webp", "image/webp")).status_code == 200
+
+
 def test_parameter_errors(active_a: TestClient) -> None:
     c = active_a
     for path in ("/v1/search", "/v1/analyze"):

@@ -41,10 +41,10 @@ def _shrink(img: Image.Image, size: int | None) -> Image.Image:
     fx, fy = int(img.width / size / REDUCING_GAP) or 1, int(img.height / size / REDUCING_GAP) or 1
     if (fx, fy) == (1, 1):
         return img
-    if img.mode.startswith("I;16"):  # 16-bit grey: its top byte, as _to_rgb does
-        arr = np.array(img)
-        img = Image.fromarray(np.right_shift(arr, 8, out=arr).astype(np.uint8))
-    elif img.mode in ("P", "PA") or "transparency" in img.info:  # palette indices cannot be averaged
+    if img.mode.startswith("I;16"):  # 16-bit grey: its top byte, as _to_rgb does; Pillow's C code
+        # throughout (no numpy copy through tobytes), so other threads keep the GIL meanwhile
+        return img.convert("I").reduce((fx, fy)).point(lambda v: v / 256).convert("L")
+    if img.mode in ("P", "PA") or "transparency" in img.info:  # palette indices cannot be averaged
         img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
     elif img.mode == "1":
         img = img.convert("L")
