@@ -7,7 +7,6 @@ of the members' probabilities; docs/results.md compares the two on CIFAR-10.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import numpy as np
 from fastapi import Request, UploadFile
@@ -16,7 +15,7 @@ from app.batching import Result
 from app.config import ServiceSettings
 from app.registry import LoadedModel, ModelRegistry
 from app.schemas import ClassScore, EnsembleVote, MemberAnswer, Prediction
-from app.uploads import VOTE_K, Stages, run_images
+from app.uploads import VOTE_K, Stages, majority_label, neighbour_labels, run_images
 from models.ensemble import majority_vote
 from models.errors import Conflict
 
@@ -37,22 +36,16 @@ def members(registry: ModelRegistry, settings: ServiceSettings) -> list[LoadedMo
     return chosen
 
 
-def vote(names: list[str], probs: list[np.ndarray], neighbour_labels: list[str], top: int = 5) -> Prediction:
+def vote(names: list[str], probs: list[np.ndarray], pooled_labels: list[str], top: int = 5) -> Prediction:
     """The soft vote as a Prediction; the neighbour vote pools every member's nearest images."""
     mean = np.mean(probs, axis=0)
     order = np.argsort(mean)[::-1][:top]
-    counts = Counter(neighbour_labels)
-    best = max(counts.values(), default=0)
     return Prediction(
         label=names[int(order[0])],
         probability=round(float(mean[order[0]]), 6),
         top=[ClassScore(label=names[int(i)], probability=round(float(mean[i]), 6)) for i in order],
-        neighbour_vote=next((n for n in neighbour_labels if counts[n] == best), None),
+        neighbour_vote=majority_label(pooled_labels),
     )
-
-
-def _neighbour_labels(result: Result) -> list[str]:
-    return [n for n in result.context.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
 
 
 async def classify(
@@ -65,13 +58,12 @@ async def classify(
     results = [r[0] for _, r, _ in runs]
     names = chosen[0].embedder.class_names
     probs = [r.probs for r in results]
+    labels = [neighbour_labels(r) for r in results]
     answers = []
-    for m, r in zip(chosen, results):
+    for m, r, near in zip(chosen, results, labels):
         best = int(np.argmax(r.probs))
-        labels = _neighbour_labels(r)
-        top = Counter(labels).most_common(1)
         answers.append(MemberAnswer(model=m.name, label=names[best], probability=round(float(r.probs[best]), 6),
-                                    neighbour_vote=top[0][0] if top else None))  # fmt: skip
+                                    neighbour_vote=majority_label(near)))  # fmt: skip
     hard = names[int(majority_vote([p[None] for p in probs])[0])]
-    prediction = vote(names, probs, [n for r in results for n in _neighbour_labels(r)])
+    prediction = vote(names, probs, [n for near in labels for n in near])
     return prediction, EnsembleVote(members=answers, hard_vote=hard, soft_vote=prediction.label), runs[0][2], results[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated
@@ -130,3 +131,15 @@ async def run_images(
     stages.decoded = time.perf_counter()
     results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
     return loaded, list(results), stages
+
+
+def neighbour_labels(result: Result) -> list[str]:
+    """The labels of an answer's VOTE_K nearest indexed images, nearest first (unlabelled left out)."""
+    return [n for n in result.context.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
+
+
+def majority_label(labels: list[str]) -> str | None:
+    """The most frequent label; ties go to the one that appears first (the nearer neighbour)."""
+    counts = Counter(labels)
+    best = max(counts.values(), default=0)
+    return next((n for n in labels if counts[n] == best), None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Annotated
 
 import numpy as np
@@ -25,7 +24,18 @@ from app.schemas import (
     SearchResponse,
     error_responses,
 )
-from app.uploads import VOTE_K, AnalyzeForm, ModelName, OneImage, Search, Stages, run_images, server_timing
+from app.uploads import (
+    VOTE_K,
+    AnalyzeForm,
+    ModelName,
+    OneImage,
+    Search,
+    Stages,
+    majority_label,
+    neighbour_labels,
+    run_images,
+    server_timing,
+)
 from indexer.query import Hit, hits_from_result, search
 from indexer.store import IndexStore, l2_normalise
 from models.errors import Conflict
@@ -61,18 +71,11 @@ def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction
         return None
     names = loaded.embedder.class_names
     order = np.argsort(result.probs)[::-1][:top]
-    voters = [n for n in result.context.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
-    votes = Counter(voters)
-    vote = None
-    if votes:
-        # Ties go to the label whose best neighbour ranks highest.
-        best = max(votes.values())
-        vote = next(n for n in voters if votes[n] == best)
     return Prediction(
         label=names[int(order[0])],
         probability=round(float(result.probs[order[0]]), 6),
         top=[ClassScore(label=names[int(i)], probability=round(float(result.probs[i]), 6)) for i in order],
-        neighbour_vote=vote,
+        neighbour_vote=majority_label(neighbour_labels(result)),
     )
 
 
