@@ -42,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for pair in settings.models:
         await run_in_threadpool(registry.load, pair)
     registry.on_batch = app.state.metrics.observe_batch
+    for name, m in registry.models.items():
+        app.state.metrics.runtime.labels(name, m.embedder.runtime).set(1)
     # TensorFlow and Keras leave millions of long-lived Python objects; every full garbage
     # collection would walk them all, stalling the event loop for tens of ms (seen in the
     # py-spy profile of the service benchmark). Freezing moves them out of the collector's view.

@@ -60,6 +60,12 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("imgsim_queue_depth", "Images waiting per model.", ["model"], registry=self.registry)
+        self.runtime = Gauge(
+            "imgsim_model_runtime",
+            "1 for the inference runtime each model runs on (tf, bf16, int8).",
+            ["model", "runtime"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "imgsim_rejected_total",
             "Requests refused with 503 because a queue was full.",

@@ -15,8 +15,9 @@ from app.batching import MicroBatcher
 from app.config import ModelPair, ServiceSettings
 from indexer.store import IndexStore
 from indexer.versions import current_version
+from models.embedder import Embedder
 from models.errors import BadInput, NotFound, NotReady
-from models.inference import Embedder, load_trained
+from models.inference import load_trained
 from models.manifests import ModelIdentity, ModelManifest, model_identity
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class ModelRegistry:
             raise BadInput(f"two models are named {name!r}; give them distinct names")
         identity = model_identity(trained.path, trained.manifest)
         store = IndexStore.open(pair.index, expect_model=identity)
-        embedder = Embedder(trained)
+        embedder = Embedder(trained, runtime=self.settings.runtime, settings=self.settings)
         size = embedder.input_size
         embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request
 
@@ -139,10 +140,11 @@ class ModelRegistry:
         if self._active is None:
             self._active = name
         log.info(
-            "loaded model %s (%s, %d px) with %d indexed images",
+            "loaded model %s (%s, %d px, runtime %s) with %d indexed images",
             name,
             trained.manifest.backbone,
             size,
+            embedder.runtime,
             store.count(),
         )
         return loaded

@@ -118,6 +118,7 @@ class ModelInfo(BaseModel):
     active: bool
     backbone: str
     input_size: int
+    runtime: str = Field(description="Inference runtime: tf (TensorFlow fp32), bf16 or int8 (OpenVINO).")
     classes: list[str]
     embedding_dim: int
     has_classifier: bool = Field(description="False for ImageNet features without a classifier: classify answers 409.")
@@ -160,6 +161,9 @@ class Ready(BaseModel):
     status: str = Field(examples=["ready"])
     device: str = Field(description="Where inference runs: CPU or GPU.", examples=["CPU"])
     models: dict[str, int] = Field(description="Loaded model -> indexed images.")
+    runtimes: dict[str, str] = Field(
+        default_factory=dict, description="Loaded model -> its inference runtime (tf, bf16 or int8)."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -58,7 +58,8 @@ def bench_model(model_dir: Path, images: list[tuple[str, bytes]], batch_sizes: l
     import numpy as np
 
     from models.data import decode_image
-    from models.inference import Embedder, load_trained
+    from models.embedder import Embedder
+    from models.inference import load_trained
 
     trained = load_trained(model_dir)
     embedder = Embedder(trained)

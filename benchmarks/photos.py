@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     from indexer.build import build_index
-    from models.inference import Embedder, load_trained
+    from models.embedder import Embedder
+    from models.inference import load_trained
 
     with tempfile.TemporaryDirectory(prefix="imgsim-photos-") as tmp:
         folder = Path(tmp) / "photos"

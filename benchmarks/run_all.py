@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -29,13 +30,16 @@ import jinja2
 from benchmarks.common import DEFAULT_DATA, ROOT, busy_warning, die_with_parent, log, machine_info, write_json
 from benchmarks.targets import evaluate
 
-STEPS = ("model", "service", "indexer", "faiss")
+STEPS = ("model", "service", "runtimes", "indexer", "faiss")
+TF = {"IMGSIM_RUNTIME": "tf"}  # the bare-model and service targets are TensorFlow fp32's
 TEMPLATE = Path(__file__).with_name("report.md.j2")
 
 
-def run_step(name: str, argv: list[str], timeout: float) -> dict[str, Any]:
+def run_step(name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """``python -m benchmarks.<name> argv --json tmp``: its JSON, or {"error": ...}."""
-    module = "benchmarks.faiss_bench" if name == "faiss" else f"benchmarks.{name}"
+    module = {"faiss": "benchmarks.faiss_bench", "runtimes": "benchmarks.runtimes_bench"}.get(
+        name, f"benchmarks.{name}"
+    )
     command = shlex.join(["python", "-m", module, *argv])
     log(f"== {name}: {command}")
     with tempfile.TemporaryDirectory(prefix=f"imgsim-bench-{name}-") as tmp:
@@ -44,7 +48,7 @@ def run_step(name: str, argv: list[str], timeout: float) -> dict[str, Any]:
         try:
             code = subprocess.run(
                 [sys.executable, "-m", module, *argv, "--json", str(out)], cwd=ROOT, timeout=timeout,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_parent, env={**os.environ, **(env or {})},  # noqa: PLW1509
             ).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s", "command": command}
@@ -56,7 +60,7 @@ def run_step(name: str, argv: list[str], timeout: float) -> dict[str, Any]:
 def render(results: dict[str, Any]) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     steps = results["steps"]
-    commands = [(n, s) for n in STEPS for s in (steps.get(n) if isinstance(steps.get(n), list) else [steps.get(n)])
+    commands = [(n, s) for n in (*STEPS, "service_fastest") for s in (steps.get(n) if isinstance(steps.get(n), list) else [steps.get(n)])
                 if s and s.get("command")]  # fmt: skip
     context = {**results, "m": results["machine"], "kept": results.get("kept", {}), "commands": commands}
     return env.from_string(TEMPLATE.read_text()).render(**context)
@@ -82,20 +86,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pairs = list(zip(map(str, args.model), map(str, args.index)))
     bare = [a for m, i in pairs for a in ("--model", m, "--index", i)] + ["--data", args.data, *quick]
     if "model" not in args.skip:
-        steps["model"] = run_step("model", bare, args.step_timeout)
+        steps["model"] = run_step("model", bare, args.step_timeout, TF)
     if "service" not in args.skip:
-        extra = ["--requests", str(args.requests), "--overload-queue", str(args.overload_queue), *quick]
-        extra += [a for kv in args.service_env for a in ("--env", kv)]
+        extra = ["--requests", str(args.requests), *quick]
+        extra += [a for kv in ["IMGSIM_RUNTIME=tf", *args.service_env] for a in ("--env", kv)]
+        overload = ["--overload-queue", str(args.overload_queue)]
         steps["service"] = [
-            run_step("service", ["--model", m, "--index", i, "--data", args.data, *extra], args.step_timeout)
+            run_step("service", ["--model", m, "--index", i, "--data", args.data, *extra, *overload], args.step_timeout)
             for m, i in pairs
         ]
         if "model" not in args.skip:
-            steps["model_after"] = run_step("model", bare, args.step_timeout)
+            steps["model_after"] = run_step("model", bare, args.step_timeout, TF)
+        fastest = [*extra, "--env", "IMGSIM_RUNTIME=auto", "--concurrency", "1,16"]  # later --env wins
+        steps["service_fastest"] = [
+            run_step("service", ["--model", m, "--index", i, "--data", args.data, *fastest], args.step_timeout)
+            for m, i in pairs
+        ]
+    if "runtimes" not in args.skip:
+        steps["runtimes"] = run_step("runtimes", [a for m, _ in pairs for a in ("--model", m)] + quick,
+                                     args.step_timeout)  # fmt: skip
     if "indexer" not in args.skip:
         models = [a for m, _ in pairs for a in ("--model", m)]
         ix = [*models, "--data", args.data, "--max-per-class", str(args.max_per_class), *quick]
-        steps["indexer"] = run_step("indexer", ix, args.step_timeout)
+        ix += ["--runtime", "bf16", "--runtime", "int8"]
+        steps["indexer"] = run_step("indexer", ix, args.step_timeout, TF)
     if "faiss" not in args.skip:
         steps["faiss"] = run_step("faiss", ["--sizes", args.faiss_sizes, *quick], args.step_timeout)
     if args.keep:

@@ -327,6 +327,7 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="imgsim-bench-") as tmp:
         with Service(args.model, args.index, env, Path(tmp) / "service.log", args.startup_timeout) as svc:
             result.update(startup_seconds=round(svc.ready_seconds, 1), ready=svc.ready_body, rss_mb_idle=svc.rss_mb())
+            result["runtime"] = next(iter((svc.ready_body.get("runtimes") or {"": "?"}).values()))
             result["levels"] = [run_level(svc, payloads, c, args) for c in levels]
         if args.overload_queue:
             env2 = {

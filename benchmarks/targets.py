@@ -14,6 +14,9 @@ LIMITS = {
     "c16_throughput": 0.88,  # service req/s at c=16 >= 0.88 x best batched forward img/s
     "indexer_throughput": 0.85,  # index img/s >= 0.85 x best batched forward img/s
 }
+# Runtimes against TensorFlow fp32 of the same model (issue: inference past the fp32 peak).
+RUNTIME_LIMITS = {"bf16": 1.5, "int8": 2.5}  # bare batched forward
+FASTEST_SERVICE_LIMIT = 1.4  # service req/s at c=16 on the fastest runtime vs the TensorFlow service
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
@@ -136,6 +139,46 @@ def _overload(svc: dict, name: str) -> list[dict]:
     return rows
 
 
+def _runtimes(steps: dict[str, Any]) -> list[dict]:
+    """Each runtime's bare forward and batch-1 latency against TensorFlow fp32; the service on
+    the fastest runtime against the TensorFlow service; the indexer per runtime."""
+    rows = []
+    for m in (steps.get("runtimes") or {}).get("models", []):
+        name, tf = f"{m['backbone']} {m['input_size']} px", m["runtimes"]["tf"]
+        for r, row in m["runtimes"].items():
+            if r == "tf":
+                continue
+            limit, ran = RUNTIME_LIMITS.get(r), row["ran"]
+            ratio = row["forward_ratio_vs_tf"] if ran == r else None
+            rows.append(_row(f"{r} batched forward >= {limit} x TensorFlow fp32", name,
+                             f"{row['best_batched']['images_per_s']:.1f} img/s", f"{tf['best_batched']['images_per_s']:.1f} img/s",
+                             ratio, f">= {limit}", None if ratio is None else ratio >= limit,
+                             f"batch {row['best_batched']['batch']} vs {tf['best_batched']['batch']}; alternating rounds"
+                             + ("" if ran == r else f"; fell back to {ran}")))  # fmt: skip
+            rows.append(_row(f"{r} batch-1 latency (info)", name, f"{row['batch1_ms']:.2f} ms", f"{tf['batch1_ms']:.2f} ms",
+                             row["batch1_speedup_vs_tf"], "", None, "speed-up = TensorFlow ms / this ms"))  # fmt: skip
+    plain = {svc.get("model_dir"): svc for svc in steps.get("service", []) if "error" not in svc}
+    for svc in steps.get("service_fastest", []):
+        base = next((b for d, b in plain.items() if "error" not in svc and _same(d, svc["model_dir"])), None)
+        level = lambda s: next((x for x in s["levels"] if x["concurrency"] == 16), None)  # noqa: E731
+        if not base or not level(svc) or not level(base):
+            continue
+        fast, slow = level(svc)["ok_per_s"], level(base)["ok_per_s"]
+        rows.append(_row(f"c=16 throughput, fastest runtime >= {FASTEST_SERVICE_LIMIT} x TensorFlow service",
+                         f"{svc['backbone']} {svc['input_size']} px", f"{fast:.1f} req/s ({svc.get('runtime', '?')})",
+                         f"{slow:.1f} req/s (tf)", fast / slow, f">= {FASTEST_SERVICE_LIMIT}",
+                         fast / slow >= FASTEST_SERVICE_LIMIT, "IMGSIM_RUNTIME=auto vs IMGSIM_RUNTIME=tf"))  # fmt: skip
+    for ix in (steps.get("indexer") or {}).get("models", []):
+        runs = ix.get("full_model_by_runtime") or {}
+        for r, run in runs.items():
+            if r != "tf" and runs.get("tf"):
+                rows.append(_row(f"indexer on {r} (info)", f"{ix['backbone']} {ix['input_size']} px",
+                                 f"{run['embed_images_per_s']:.1f} img/s", f"{runs['tf']['embed_images_per_s']:.1f} img/s (tf)",
+                                 run["embed_images_per_s"] / runs["tf"]["embed_images_per_s"], "", None,
+                                 f"full-model build, {run['count']} images, ran {run.get('runtime')}"))  # fmt: skip
+    return rows
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (target, model)."""
     steps = results["steps"]
@@ -164,4 +207,4 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                              f">= {limit}", ratio >= limit,
                              f"full-model path, {full['count']} images, batch {ix['batch_size']} "
                              "(embedding phase)"))  # fmt: skip
-    return rows
+    return rows + _runtimes(steps)

@@ -25,8 +25,9 @@ from indexer.store import (
 )
 from indexer.versions import new_version
 from models.data import Dataset, Item, SkipCounter
+from models.embedder import Embedder
 from models.errors import ImgsimError
-from models.inference import Embedder, TrainedModel, check_tta, load_trained, open_as_trained
+from models.inference import TrainedModel, check_tta, load_trained, open_as_trained
 from models.manifests import IndexDataset, IndexManifest, model_identity, now_utc
 from models.settings import Settings, get_settings
 
@@ -41,6 +42,7 @@ class BuildReport:
     embed_seconds: float
     skipped: SkipCounter
     notes: list[str] = field(default_factory=list)
+    runtime: str = "tf"
 
     @property
     def images_per_second(self) -> float:
@@ -114,7 +116,7 @@ def build_index(
             f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
         )
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
-    embedder = Embedder(trained)
+    embedder = Embedder(trained, settings=settings)
     embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))  # trace outside the timing
     t0 = time.perf_counter()
     embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)
@@ -134,8 +136,8 @@ def build_index(
     )
     skipped = [(i.key, *dataset.file_stats.get(i.key, (None, None)), why) for i, why in embedded.skipped.skipped]
     _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest, spec, skipped)
-    seconds = time.perf_counter() - start
-    return BuildReport(len(ids), embedded.path_taken, seconds, embed_seconds, embedded.skipped, embedded.notes)
+    e, seconds = embedded, time.perf_counter() - start
+    return BuildReport(len(ids), e.path_taken, seconds, embed_seconds, e.skipped, e.notes, embedder.runtime)
 
 
 def _write(

@@ -16,8 +16,9 @@ import numpy as np
 
 from models.data import Dataset, Item, SkipCounter
 from models.embed import stream_forward
+from models.embedder import Embedder
 from models.errors import ImgsimError
-from models.inference import Embedder, check_tta, combine_views, mirrored_training_cache, training_cache
+from models.inference import check_tta, combine_views, mirrored_training_cache, training_cache
 from models.settings import Settings
 
 
@@ -47,6 +48,7 @@ def embed_split(
     """Embed ``items``; with ``tta="flip"`` each embedding is the image's plus its mirror image's."""
     check_tta(tta)
     splits = sorted({i.split for i in items})
+    # The cached features (TensorFlow fp32) win over any runtime: only the small head runs.
     cache = training_cache(embedder.trained.manifest, dataset, splits, settings) if use_cache else None
     if cache is not None:
         return _from_cache(embedder, dataset, cache, splits, batch_size, settings, progress, tta)

@@ -13,8 +13,9 @@ import numpy as np
 from indexer.embedding import embed_split
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import IndexStore, all_vectors, l2_normalise
+from models.embedder import Embedder
 from models.errors import ImgsimError
-from models.inference import Embedder, load_trained, open_as_trained
+from models.inference import load_trained, open_as_trained
 from models.manifests import model_identity
 from models.settings import Settings, get_settings
 
@@ -57,7 +58,7 @@ def evaluate(
         raise ImgsimError("the dataset's classes differ from the index's")
     if split not in dataset.splits():
         raise ImgsimError(f"{data} has no {split!r} split (has {', '.join(dataset.splits())})")
-    embedder = Embedder(trained)
+    embedder = Embedder(trained, settings=settings)
     tta = store.manifest.tta  # queries are embedded as the index's items were
     embedded = embed_split(embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta)
     keys, labels = embedded.keys, embedded.labels

@@ -125,7 +125,8 @@ def sync_index(
     new: list[NewItem] = []
     unreadable: list[tuple] = []
     if plan.embed:
-        from models.inference import Embedder, load_trained  # TensorFlow only when there is something to embed
+        from models.embedder import Embedder  # TensorFlow only when there is something to embed
+        from models.inference import load_trained
 
         embedder = Embedder(load_trained(Path(m.model.path)))
         new, unreadable = _embed(embedder, dataset, plan.embed, m.tta, plan.hashes, progress)

@@ -25,8 +25,9 @@ from indexer.store import (
 from indexer.versions import new_version
 from models.data import Item, SkipCounter
 from models.embed import stream_forward
+from models.embedder import Embedder
 from models.errors import BadInput, NotFound
-from models.inference import Embedder, load_trained
+from models.inference import load_trained
 from models.manifests import model_identity, now_utc
 
 

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.architecture import split_model
 from models.backbones import preprocess
 from models.data import Dataset, SkipCounter, open_dataset
-from models.embed import stream_forward
+from models.embed import decoded_batches, stream_forward
 from models.errors import ImgsimError
 from models.features import FeatureSplit, features_key, load_cache
 from models.manifests import MODEL_FILE, ModelManifest, read_model_manifest
+from models.openvino_runtime import Samples
 from models.pretrained import build_pretrained, parse_spec, pretrained_manifest
 from models.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import keras
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -179,87 +183,36 @@ def predict_split(
     return keys, np.array(labels, dtype=np.int64), np.concatenate(outs)
 
 
-class FrozenForward:
-    """A tf.function's graph with every variable replaced by a constant.
+def model_samples(manifest: ModelManifest, settings: Settings) -> Samples:
+    """Images for runtime conversions: ``calibration`` from the model's training split (int8),
+    ``check`` from its validation split (else test), both decoded at the model's input size.
 
-    Why: TensorFlow's oneDNN convolutions convert their weights to oneDNN's blocked layout
-    on every call when the weights are variables, but only once when they are constants.
-    That conversion is a fixed cost per call, which batch-1 calls and small micro-batches pay
-    in full (docs/performance.md, D1). Outputs match the variable graph to float rounding
-    (test_frozen_graph_matches_keras).
+    ``IMGSIM_CALIBRATION_DATA`` replaces the training data (a backbone name has none, and a
+    service host may not have the data the model was trained on).
     """
 
-    def __init__(self, forward: Any) -> None:
-        import tensorflow as tf
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    def samples(kind: str, n: int) -> tuple[np.ndarray, list[str], str] | None:
+        source = settings.calibration_data or (manifest.training.data if manifest.training else None)
+        if not source:
+            return None
+        try:
+            if settings.calibration_data:
+                dataset = open_dataset(source, labels="none", settings=settings)
+            else:
+                dataset = open_as_trained(manifest, source, settings)
+        except ImgsimError as exc:
+            log.warning("no %s images for the runtime conversion: %s", kind, exc)
+            return None
+        order = ("train",) if kind == "calibration" else ("val", "test", "train")
+        items = next((its for s in order if (its := [i for i in dataset.items if i.split == s])), [])
+        if not items:
+            return None
+        rng = np.random.default_rng(settings.seed + (kind == "check"))
+        pick = [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
+        batches = list(decoded_batches(dataset, pick, manifest.input_size, 64, SkipCounter()))
+        if not batches:
+            return None
+        keys = [item.key for its, _ in batches for item in its]
+        return np.concatenate([b for _, b in batches]), keys, str(source)
 
-        self.graph = convert_variables_to_constants_v2(forward.get_concrete_function())
-        # Called through a tf.function with the original input signature, not directly: the
-        # converted function has no structured signature, so each direct call first failed to
-        # bind, formatted the whole input tensor into an error message, discarded it and fell
-        # back to the flat signature, with the GIL held (docs/performance.md, D1).
-        graph = self.graph
-        self._call = tf.function(lambda x: graph(x), input_signature=forward.input_signature)
-
-    def __call__(self, x: np.ndarray) -> Any:
-        return self._call(x)
-
-
-class Embedder:
-    """One forward pass -> (penultimate-layer embedding, class probabilities).
-
-    The indexer and the service both need the 1024-d embedding and the softmax output of
-    the same image; a two-output model gives both from a single call.
-    """
-
-    def __init__(self, trained: TrainedModel, freeze: bool | None = None) -> None:
-        import keras
-
-        m = trained.manifest
-        self.trained = trained
-        self.input_size: int = m.input_size
-        self.preprocessing = m.preprocessing
-        self.class_names: list[str] = m.class_names
-        import tensorflow as tf
-
-        self.has_classifier = bool(m.classifier_layer)
-        embedding = trained.model.get_layer(m.embedding_layer).output
-        outputs = [embedding, trained.model.output] if self.has_classifier else embedding
-        self.model = keras.Model(trained.model.input, outputs)
-        self._upper: keras.Model | None = None
-        # One graph for every batch size: predict_on_batch would retrace per new batch shape,
-        # which the service's variable-size micro-batches would hit constantly.
-        size = self.input_size
-        self._forward = tf.function(
-            lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
-        )
-        self.frozen = get_settings().freeze_graph if freeze is None else freeze
-        if self.frozen:
-            self._forward = FrozenForward(self._forward)
-
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 RGB (N, S, S, 3) -> (float32 (N, D) embeddings, float32 (N, C) probabilities);
-        C is 0 for a model without a classifier."""
-        out = self._forward(preprocess(batch, self.preprocessing))
-        if not self.has_classifier:
-            emb = out[0] if isinstance(out, list | tuple) else out
-            return emb.numpy().astype(np.float32, copy=False), np.zeros((len(batch), 0), np.float32)
-        emb, probs = out
-        return emb.numpy().astype(np.float32, copy=False), probs.numpy().astype(np.float32, copy=False)
-
-    def embed(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        """As ``__call__``; with ``tta="flip"`` each image and its mirror image go through one
-        call (a batch twice as large) and their outputs are combined (``combine_views``)."""
-        if check_tta(tta) == "none":
-            return self(batch)
-        n = len(batch)
-        emb, probs = self(np.concatenate([batch, batch[:, :, ::-1]]))
-        return combine_views(emb[:n], emb[n:], probs[:n], probs[n:])
-
-    def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Same outputs from cached cut-layer features (frozen models: only the head runs)."""
-        if self._upper is None:
-            _, self._upper = split_model(self.model, self.trained.manifest.cut_layer)
-        emb, probs = self._upper.predict_on_batch(np.asarray(features, dtype=np.float32))
-        return np.asarray(emb, dtype=np.float32), np.asarray(probs, dtype=np.float32)
+    return samples

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
         description="Run inference on a graph with the weights folded in as constants: oneDNN then "
         "re-lays-out each convolution's weights once instead of on every call (docs/performance.md).",
     )
+    runtime: Literal["auto", "tf", "bf16", "int8"] = Field(
+        "auto",
+        description="Inference runtime: tf (TensorFlow fp32, also on GPU), bf16 or int8 (OpenVINO), or auto: "
+        "the fastest this CPU supports whose quality check passed (models/runtimes.py).",
+    )
+    calibration_data: str | None = Field(
+        None,
+        description="Images for int8 calibration and runtime quality checks instead of the model's training data.",
+    )
     seed: int = Field(0, description="Seed for splits and sampling.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out validation share.")
 

@@ -22,7 +22,8 @@ import numpy as np
 from indexer.build import embed_split
 from indexer.store import l2_normalise
 from models.data import open_dataset
-from models.inference import Embedder, load_trained
+from models.embedder import Embedder
+from models.inference import load_trained
 from models.settings import get_settings
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
+
+# Tests run TensorFlow fp32 unless they name another runtime (tests/test_runtimes.py): the
+# automatic choice would convert every tiny test model to int8 on a CPU that has VNNI.
+os.environ.setdefault("IMGSIM_RUNTIME", "tf")
 
 import pytest
 

@@ -30,8 +30,9 @@ from indexer.update import add_images, remove_ids
 from indexer.versions import store_dir
 from models.backbones import preprocess
 from models.data import decode_image
+from models.embedder import Embedder
 from models.errors import ImgsimError
-from models.inference import Embedder, load_trained, open_as_trained
+from models.inference import load_trained, open_as_trained
 from models.manifests import model_identity
 from models.settings import Settings, get_settings
 from models.train import TrainOptions, train

@@ -220,7 +220,7 @@ def test_models_listing_and_switch(active_a: TestClient) -> None:
     assert set(by_name) == {"a", "b"}
     assert by_name["a"]["active"] is True and by_name["b"]["active"] is False
     for m in by_name.values():
-        assert m["backbone"] == "simple-cnn" and m["input_size"] == 32
+        assert m["backbone"] == "simple-cnn" and m["input_size"] == 32 and m["runtime"] == "tf"
         assert m["classes"] == CLASSES and m["embedding_dim"] == 1024
         assert m["index_size"] == 30 and m["index_type"] == "flat"
         assert 0.0 <= m["metrics"]["test_accuracy"] <= 1.0
@@ -252,11 +252,17 @@ def test_health_ready_metrics(active_a: TestClient) -> None:
     assert active_a.get("/healthz").json() == {"status": "ok"}
     r = active_a.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "device": "CPU", "models": {"a": 30, "b": 30}}
+    assert r.json() == {
+        "status": "ready",
+        "device": "CPU",
+        "models": {"a": 30, "b": 30},
+        "runtimes": {"a": "tf", "b": "tf"},
+    }
     active_a.post("/v1/search", files=upload(png()))
     r = active_a.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    for name in ("imgsim_requests_total", "imgsim_request_seconds", "imgsim_batch_size", "imgsim_queue_depth"):
+    for name in ("imgsim_requests_total", "imgsim_request_seconds", "imgsim_batch_size", "imgsim_queue_depth",
+                 'imgsim_model_runtime{model="a",runtime="tf"} 1.0'):  # fmt: skip
         assert name in r.text, name
     m = metric_samples(active_a)
     key = ("imgsim_requests_total", (("endpoint", "/v1/search"), ("model", "a"), ("status", "200")))

@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgsim: error: {_settings_error(exc)}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    if getattr(args, "runtime", None):  # an option that mirrors a setting overrides it, in every layer
+        os.environ["IMGSIM_RUNTIME"] = args.runtime
+        get_settings.cache_clear()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from models.backbones import build_backbone, get_spec, make_forward
     from models.data import open_dataset
     from models.embed import embed_items, save_embeddings
+    from models.embedder import Embedder
+    from models.inference import load_trained
 
     settings = get_settings()
     spec = get_spec(args.backbone)
@@ -37,8 +39,13 @@ def run(args: argparse.Namespace) -> int:
         f"{len(dataset.class_names)} classes",
         file=sys.stderr,
     )
-    model, info = build_backbone(args.backbone, args.input_size, pretrained=not args.random_init, settings=settings)
-    forward = make_forward(model, spec.preprocessing)
+    if args.random_init:
+        model, _ = build_backbone(args.backbone, args.input_size, pretrained=False, settings=settings)
+        forward, runtime, weights = make_forward(model, spec.preprocessing), "tf", None
+    else:  # the backbone as a model (ImageNet features), on the chosen runtime
+        embedder = Embedder(load_trained(f"{args.backbone}:{args.input_size}"), settings=settings)
+        runtime, weights = embedder.runtime, embedder.trained.manifest.weights
+        forward = lambda batch: embedder(batch)[0]  # noqa: E731
     forward(np.zeros((1, args.input_size, args.input_size, 3), np.uint8))  # warm-up: trace once
     emb = embed_items(forward, dataset, items, args.input_size, args.batch_size, progress=not args.quiet)
     emb.meta = {
@@ -46,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
         "input_size": args.input_size,
         "preprocessing": spec.preprocessing,
         "pooling": "avg",
-        "weights_sha256": info.sha256 if info else None,
-        "weights_source": info.source if info else "random-init",
+        "runtime": runtime,
+        "weights_sha256": weights.sha256 if weights else None,
+        "weights_source": weights.source if weights else "random-init",
         "dataset": str(args.data),
         "dataset_fingerprint": dataset.fingerprint,
         "split": args.split,
@@ -65,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
-        parents=[options.data(), options.input_size(), options.batch_size(), options.quiet()],
+        parents=[options.data(), options.input_size(), options.batch_size(), options.runtime(), options.quiet()],
         help="embed dataset images with an ImageNet backbone into an .npz",
         description="Batched backbone inference (global-average-pooled features) over a dataset "
         "split; writes float32 vectors, keys, labels and splits to an .npz and reports images/s.",

@@ -72,14 +72,7 @@ def write_vote_reports(res: dict, out: Path) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        parents=[
-            options.model_dir(),
-            options.data(),
-            options.batch_size(),
-            options.no_cache(),
-            options.json_out(),
-            options.quiet(),
-        ],
+        parents=[*options.model_over_data(), options.json_out(), options.quiet()],
         help="retrieval quality of an index on a query split",
         description="Query every image of a split against the index: precision@1/5/10, mAP@5, "
         "top-5 kNN accuracy and the classifier's accuracy, per class too (docs/retrieval.md).",

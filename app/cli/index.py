@@ -37,7 +37,7 @@ def build(args: argparse.Namespace) -> int:
     how = (
         "reused the training feature cache (only the layers above the frozen cut ran)"
         if report.path_taken == "cached-features"
-        else "ran the full model over every image"
+        else f"ran the full model over every image on runtime {report.runtime}"
     )
     print(
         f"indexed {report.count} images ({args.index_type}) in {report.seconds:.1f} s; embedding "
@@ -88,7 +88,7 @@ def _index_dir() -> argparse.ArgumentParser:
 def _register_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
-        parents=[options.model_dir(), options.data(), options.batch_size(), options.no_cache(), options.quiet()],
+        parents=[*options.model_over_data(), options.quiet()],
         help="build a FAISS cosine index of a folder of images",
         description="Embed a folder of images (any tree; of a labelled dataset, its train and validation "
         "images) with a trained model's embedding layer or a backbone's ImageNet features, L2-normalise, "
@@ -121,7 +121,7 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
 def _register_add(sub: argparse._SubParsersAction, name: str, **kwargs: object) -> None:
     p = sub.add_parser(
         name,
-        parents=[_index_dir(), options.quiet()],
+        parents=[_index_dir(), options.runtime(), options.quiet()],
         description="Embed image files (or folders of them) and append them to INDEX_DIR; files whose "
         "bytes are already indexed are skipped. Ids of existing items never change.",
         **kwargs,
@@ -142,7 +142,7 @@ def _register_remove(sub: argparse._SubParsersAction, name: str, **kwargs: objec
 def _register_sync(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sync",
-        parents=[_index_dir(), options.quiet()],
+        parents=[_index_dir(), options.runtime(), options.quiet()],
         help="bring an index in step with its folder",
         description="Rescan the folder the index was built from (or --data DIR): embed new files, drop "
         "vanished ones, re-embed changed ones (size and time first, then the content hash). Unchanged items "

@@ -94,3 +94,23 @@ def json_out() -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p
+
+
+def runtime() -> argparse.ArgumentParser:
+    """``--runtime``: sets IMGSIM_RUNTIME for this run (applied in ``app.cli.main``)."""
+    from models.runtimes import DESCRIPTIONS, RUNTIME_CHOICES
+
+    p = _parent()
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default=None,
+        help=f"inference runtime (default IMGSIM_RUNTIME or {get_settings().runtime}): "
+        + "; ".join(f"{n}: {DESCRIPTIONS[n]}" for n in RUNTIME_CHOICES),
+    )
+    return p
+
+
+def model_over_data() -> list[argparse.ArgumentParser]:
+    """The options of a command that runs a model over a dataset (index build, evaluate)."""
+    return [model_dir(), data(), batch_size(), no_cache(), runtime()]

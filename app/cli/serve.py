@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.cli import options
 from models.errors import ImgsimError, NotFound
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {}
     if args.model:
         overrides["models"] = [ModelPair(model=m, index=i) for m, i in zip(args.model, args.index)]
-    for field in ("host", "port"):
+    for field in ("host", "port", "runtime"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     settings = ServiceSettings(**overrides)
@@ -72,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the web service (FastAPI + uvicorn)",
+        parents=[options.runtime()],
         description="Serve search/classify for one or more trained models and their indexes. "
         "Repeat --model/--index pairs; the first is active. Without them, IMGSIM_MODELS is used.",
     )

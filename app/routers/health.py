@@ -37,7 +37,10 @@ def readyz(registry: Registry) -> Response:
             problems.append(f"{name}: {exc}")
     ok = bool(counts) and not problems
     body = Ready(
-        status="ready" if ok else "; ".join(problems) or "no models loaded", device=registry.device, models=counts
+        status="ready" if ok else "; ".join(problems) or "no models loaded",
+        device=registry.device,
+        models=counts,
+        runtimes={name: m.embedder.runtime for name, m in registry.models.items()},
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 

@@ -43,6 +43,7 @@ def list_models(registry: Registry, settings: Settings) -> ModelsResponse:
                 active=name == active,
                 backbone=man.backbone,
                 input_size=man.input_size,
+                runtime=m.embedder.runtime,
                 classes=man.class_names,
                 embedding_dim=man.embedding_dim,
                 has_classifier=m.embedder.has_classifier,
