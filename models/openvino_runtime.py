@@ -12,6 +12,7 @@ are verified on every load: a corrupt or half-written conversion is redone, neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,9 +39,11 @@ CHECK_IMAGES = 128
 QUALITY_BARS = {"bf16": 0.995, "int8": 0.98}  # mean cosine to TensorFlow fp32 embeddings
 PRECISION_HINT = {"bf16": "bf16", "int8": "bf16"}  # int8 layers run int8; the rest in bf16
 
-# (images uint8 (N, S, S, 3), their keys, the data they came from) or None when the model's
-# own data cannot be read here; asked with "calibration" or "check".
+# ("calibration" | "check", n) -> (uint8 images, their keys, their data) or None if unreadable here.
 Samples = Callable[[str, int], tuple[np.ndarray, list[str], str] | None]
+# ov.convert_model sets the root logger to ERROR while it runs and then restores the level it
+# found: two conversions at once left it at ERROR, silencing every warning of the process.
+_CONVERT_LOCK = threading.Lock()
 
 
 class Calibration(_Record):
@@ -77,10 +80,9 @@ class RuntimeCache(_Record):
 
 
 def _version(package: str) -> str | None:
-    try:
+    with contextlib.suppress(PackageNotFoundError):
         return version(package)
-    except PackageNotFoundError:
-        return None
+    return None
 
 
 def cache_key(runtime: str, model_sha256: str, input_size: int) -> str:
@@ -124,9 +126,8 @@ def read_cache(folder: Path, key: str) -> RuntimeCache | None:
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=1)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    return np.sum(unit(a) * unit(b), axis=1)
 
 
 def quality_check(runtime: str, ours: list[np.ndarray], reference: list[np.ndarray], data: str) -> QualityCheck:
@@ -229,16 +230,18 @@ def _check(
 def convert(
     runtime: str, folder: Path, key: str, model_sha256: str, input_size: int,
     reference: Callable[[np.ndarray], Any], prepare: Callable[[np.ndarray], np.ndarray], samples: Samples,
-) -> RuntimeCache:  # fmt: skip
+) -> tuple[RuntimeCache, OpenVinoForward]:  # fmt: skip
     """Convert (and for int8 quantise) the TensorFlow forward, check it, store it in ``folder``.
 
     Written to a temporary folder and renamed into place, so a crash or a concurrent
-    conversion never leaves a half-written one behind.
+    conversion never leaves a half-written one behind. The forward returned was compiled
+    before the rename: a concurrent conversion replacing the folder cannot pull it away.
     """
     ov = _openvino()
     start = time.perf_counter()
     log.warning("converting the model for runtime %s (once; cached in %s)", runtime, folder)
-    model = ov.convert_model(reference, input=[(-1, input_size, input_size, 3)])
+    with _CONVERT_LOCK:
+        model = ov.convert_model(reference, input=[(-1, input_size, input_size, 3)])
     # Stateful layers (random augmentation, seed generators) leave scalar outputs in the graph.
     batched = [o for o in model.outputs if o.get_partial_shape().rank.get_length() > 0]
     if len(batched) < len(model.outputs):
@@ -247,11 +250,15 @@ def convert(
     if runtime == "int8":
         model, calibration = _quantize(model, samples, prepare)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for left in folder.parent.glob(f".{runtime}-*"):  # from conversions killed an hour or more ago
+        if time.time() - left.stat().st_mtime > 3600:
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{runtime}-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is read by whoever runs the model
     try:
         ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
-        check = _check(runtime, compile_forward(tmp / "model.xml", runtime), reference, samples, prepare)
+        forward = compile_forward(tmp / "model.xml", runtime)
+        check = _check(runtime, forward, reference, samples, prepare)
         meta = RuntimeCache(
             runtime=runtime, key=key, openvino=_version("openvino") or "?",
             nncf=_version("nncf") if runtime == "int8" else None, model_sha256=model_sha256,
@@ -268,7 +275,7 @@ def convert(
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    return meta, forward
 
 
 def load(
@@ -281,13 +288,13 @@ def load(
     """
     key = cache_key(runtime, model_sha256, input_size)
     folder = root / f"{runtime}-{key}"
-    meta = read_cache(folder, key)
+    meta, forward = read_cache(folder, key), None
     if meta is None:
-        meta = convert(runtime, folder, key, model_sha256, input_size, reference, prepare, samples)
+        meta, forward = convert(runtime, folder, key, model_sha256, input_size, reference, prepare, samples)
     check = meta.check
     if check is not None and not check.passed:
         raise RuntimeUnavailable(
             f"its embeddings' mean cosine to fp32 is {check.mean_cosine:.4f} on {check.images} images, "
             f"below the bar {check.bar}"
         )
-    return compile_forward(folder / "model.xml", runtime), meta
+    return forward or compile_forward(folder / "model.xml", runtime), meta

@@ -141,6 +141,24 @@ def test_bf16_is_converted_once_cached_checked_and_close_to_tensorflow(
     assert len(list((model_copy / "runtimes").glob("bf16-*"))) == 1  # the stale one is gone
 
 
+def test_two_processes_converting_at_once_both_get_a_working_runtime(model_copy: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.embedder import Embedder
+    from models.inference import load_trained
+
+    trained = load_trained(model_copy)
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    level = logging.root.level
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: Embedder(trained, runtime="bf16"), range(2)))
+    assert [e.runtime for e in both] == ["bf16", "bf16"]
+    assert _cosine(both[0](images)[0], both[1](images)[0]).min() > 0.999
+    assert len(list((model_copy / "runtimes").glob("bf16-*"))) == 1
+    assert not list((model_copy / "runtimes").glob(".bf16-*"))  # no temporary folder left behind
+    assert logging.root.level == level  # OpenVINO's converter sets it while it runs
+
+
 def test_int8_calibrates_on_the_models_training_images_and_records_them(
     model_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
