@@ -116,7 +116,7 @@ def build_index(
             f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
         )
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
-    embedder = Embedder(trained, settings=settings)
+    embedder = Embedder(trained, settings=settings, collection=dataset)
     embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))  # trace outside the timing
     t0 = time.perf_counter()
     embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)

@@ -15,6 +15,7 @@ import numpy as np
 from models import openvino_runtime
 from models.architecture import split_model
 from models.backbones import preprocess
+from models.data import Dataset
 from models.inference import TrainedModel, check_tta, combine_views, model_samples
 from models.manifests import model_identity
 from models.runtimes import Runtime, first_available
@@ -67,8 +68,10 @@ class Embedder:
 
     def __init__(
         self, trained: TrainedModel, freeze: bool | None = None, runtime: str | None = None,
-        settings: Settings | None = None,
+        settings: Settings | None = None, collection: Dataset | None = None,
     ) -> None:  # fmt: skip
+        """``collection``: the images about to be embedded; int8 calibrates on them when the
+        model has no training data of its own (a backbone name)."""
         import keras
         import tensorflow as tf
 
@@ -76,6 +79,7 @@ class Embedder:
         m = trained.manifest
         self.trained = trained
         self.settings = settings
+        self.collection = collection
         self.input_size: int = m.input_size
         self.preprocessing = m.preprocessing
         self.class_names: list[str] = m.class_names
@@ -106,7 +110,7 @@ class Embedder:
         root = openvino_runtime.cache_root(self.trained.path, identity.model_sha256, self.settings.cache_dir)
         forward, self.runtime_record = openvino_runtime.load(
             runtime, root, identity.model_sha256, self.input_size, self._tf_forward,
-            partial(preprocess, mode=self.preprocessing), model_samples(self.trained.manifest, self.settings),
+            partial(preprocess, mode=self.preprocessing), model_samples(self.trained.manifest, self.settings, self.collection),
         )  # fmt: skip
         return forward
 

@@ -183,25 +183,31 @@ def predict_split(
     return keys, np.array(labels, dtype=np.int64), np.concatenate(outs)
 
 
-def model_samples(manifest: ModelManifest, settings: Settings) -> Samples:
+def _samples_source(manifest: ModelManifest, settings: Settings, collection: Dataset | None) -> Dataset | None:
+    """IMGSIM_CALIBRATION_DATA, else the model's training data, else the collection being indexed."""
+    try:
+        if settings.calibration_data:
+            return open_dataset(settings.calibration_data, labels="none", settings=settings)
+        if manifest.training:
+            return open_as_trained(manifest, manifest.training.data, settings)
+    except ImgsimError as exc:
+        log.info("no images for the runtime conversion: %s", exc)
+        return None
+    return collection
+
+
+def model_samples(manifest: ModelManifest, settings: Settings, collection: Dataset | None = None) -> Samples:
     """Images for runtime conversions: ``calibration`` from the model's training split (int8),
     ``check`` from its validation split (else test), both decoded at the model's input size.
 
-    ``IMGSIM_CALIBRATION_DATA`` replaces the training data (a backbone name has none, and a
-    service host may not have the data the model was trained on).
+    ``IMGSIM_CALIBRATION_DATA`` replaces the training data (a service host may not have the
+    data the model was trained on); a backbone name, which has none, calibrates on the
+    ``collection`` it indexes.
     """
 
     def samples(kind: str, n: int) -> tuple[np.ndarray, list[str], str] | None:
-        source = settings.calibration_data or (manifest.training.data if manifest.training else None)
-        if not source:
-            return None
-        try:
-            if settings.calibration_data:
-                dataset = open_dataset(source, labels="none", settings=settings)
-            else:
-                dataset = open_as_trained(manifest, source, settings)
-        except ImgsimError as exc:
-            log.warning("no %s images for the runtime conversion: %s", kind, exc)
+        dataset = _samples_source(manifest, settings, collection)
+        if dataset is None:
             return None
         order = ("train",) if kind == "calibration" else ("val", "test", "train")
         items = next((its for s in order if (its := [i for i in dataset.items if i.split == s])), [])
@@ -213,6 +219,6 @@ def model_samples(manifest: ModelManifest, settings: Settings) -> Samples:
         if not batches:
             return None
         keys = [item.key for its, _ in batches for item in its]
-        return np.concatenate([b for _, b in batches]), keys, str(source)
+        return np.concatenate([b for _, b in batches]), keys, dataset.spec
 
     return samples

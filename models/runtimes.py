@@ -109,7 +109,8 @@ def first_available(
 ) -> tuple[Runtime, T]:
     """(runtime, build(runtime)) for the first runtime of the plan that builds.
 
-    Every fallback is one WARNING line naming the reason; TensorFlow always builds.
+    Every fallback is one log line naming the reason (WARNING when the runtime was asked for
+    by name, INFO under ``auto``); TensorFlow always builds.
     """
     runtimes, notes = plan(requested, cpu_flags() if flags is None else flags, gpu)
     pending = list(notes)
@@ -119,7 +120,7 @@ def first_available(
         except RuntimeUnavailable as exc:
             pending.append(f"runtime {runtime} unavailable: {exc}")
             continue
-        for note in pending:
-            log.warning("%s: %s; running %s", what, note, runtime)
+        for note in pending:  # expected under auto; a runtime asked for by name is worth a warning
+            log.log(logging.INFO if requested == "auto" else logging.WARNING, "%s: %s; running %s", what, note, runtime)
         return runtime, built
     raise ImgsimError(f"{what}: no runtime could run it ({'; '.join(pending)})")

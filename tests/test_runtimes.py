@@ -78,9 +78,14 @@ def test_an_unavailable_runtime_falls_back_to_the_next(caplog: pytest.LogCapture
             raise RuntimeUnavailable("no calibration images")
         return runtime
 
+    caplog.set_level(logging.INFO)
     assert first_available("auto", build, "model m", flags=AMX) == ("bf16", "bf16")
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lines) == 1 and "no calibration images" in lines[0] and "running bf16" in lines[0]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 1 and "no calibration images" in lines[0][1] and "running bf16" in lines[0][1]
+    assert lines[0][0] == logging.INFO  # expected under auto: no warning
+    caplog.clear()
+    assert first_available("int8", build, "model m", flags=AMX) == ("bf16", "bf16")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]  # asked for by name: a warning
 
 
 # ---- real conversions of a tiny trained model ---------------------------------------------
@@ -212,3 +217,24 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_backbone_name_calibrates_int8_on_the_collection_it_indexes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ImageNet features have no training data here: the photos being indexed calibrate int8."""
+    from indexer.build import build_index
+    from models.settings import get_settings
+    from tests.test_train import make_colour_dataset
+
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: AMX)
+    monkeypatch.setattr(openvino_runtime, "cache_root", lambda *args: tmp_path / "runtimes")
+    photos = make_colour_dataset(tmp_path / "photos", per_class=6, test_per_class=0, size=40)
+    settings = get_settings().model_copy(update={"runtime": "int8"})
+    report = build_index("resnet50:32", str(photos), tmp_path / "index", settings=settings, progress=False,
+                         labels="none")  # fmt: skip
+    (meta_file,) = (tmp_path / "runtimes").glob("int8-*/meta.json")
+    meta = openvino_runtime.RuntimeCache.model_validate_json(meta_file.read_text())
+    assert meta.calibration is not None and meta.calibration.data == str(photos)
+    assert 0 < meta.calibration.images <= report.count
+    assert report.runtime == ("int8" if meta.check is None or meta.check.passed else "bf16")
