@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", type=int, default=500, help="12-megapixel JPEGs to make (default %(default)s)")
     p.add_argument("--model", default="resnet50", help="backbone name or MODEL_DIR (default %(default)s: 224 px)")
     p.add_argument("--decode-sample", type=int, default=40, help="photos timed for decoding (default 40)")
+    p.add_argument("--runtime", default="tf", help="inference runtime of both measurements (default %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     from indexer.build import build_index
     from models.embedder import Embedder
     from models.inference import load_trained
+    from models.settings import get_settings
+
+    settings = get_settings().model_copy(update={"runtime": args.runtime})
 
     with tempfile.TemporaryDirectory(prefix="imgsim-photos-") as tmp:
         folder = Path(tmp) / "photos"
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(folder.rglob("*.jpg"))
         mb = sum(f.stat().st_size for f in files) / 1e6
         log(f"{len(files)} photos of {SIZE[0]}x{SIZE[1]} ({mb:.0f} MB) made in {time.perf_counter() - t0:.0f} s")
-        embedder = Embedder(load_trained(args.model))
+        embedder = Embedder(load_trained(args.model), settings=settings)
         size = embedder.input_size
         decode = decode_ms(files[: args.decode_sample], size)
         from models.data import decode_image
@@ -106,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         batch = np.stack([decode_image(f.read_bytes(), size) for f in files[:32]])
         bare = summarise(time_calls(lambda: embedder(batch), min_reps=3, max_reps=10, budget_s=20))
         bare_rate = 32 / (bare["median_ms"] / 1000)
-        r = build_index(Path(args.model), str(folder), Path(tmp) / "index", labels="none", progress=False)
+        r = build_index(
+            Path(args.model), str(folder), Path(tmp) / "index", labels="none", progress=False, settings=settings
+        )
         ratio = r.images_per_second / bare_rate
         log(f"indexing: {r.images_per_second:.1f} img/s vs bare batch-32 forward {bare_rate:.1f} img/s: {ratio:.3f}")
     result = {
         "kind": "photos", "photos": len(files), "megapixels": SIZE[0] * SIZE[1] / 1e6, "total_mb": round(mb),
-        "model": args.model, "input_size": size, "decode": decode, "bare_batch32_images_per_s": round(bare_rate, 2),
-        "index_embed_images_per_s": round(r.images_per_second, 2), "indexed": r.count, "ratio": round(ratio, 3),
+        "model": args.model, "runtime": embedder.runtime, "input_size": size, "decode": decode,
+        "bare_batch32_images_per_s": round(bare_rate, 2), "index_embed_images_per_s": round(r.images_per_second, 2),
+        "indexed": r.count, "ratio": round(ratio, 3),
     }  # fmt: skip
     write_json(args.json, result)
     return 0
