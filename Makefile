@@ -62,7 +62,7 @@ cifar10-simple-cnn: venv
 	  --epochs 8 --patience 3 --learning-rate 1e-3
 cifar10-ensemble: venv
 	$(BIN)/imgsim evaluate-ensemble --data $(CIFAR) --model $(RUNS)/vgg16-cifar10 --model $(RUNS)/resnet50-cifar10 \
-	  --model $(RUNS)/inceptionv3-cifar10 --json $(RUNS)/ensemble.json
+	  --model $(RUNS)/inceptionv3-cifar10 --json $(RUNS)/ensemble.json --report $(RUNS)/ensemble
 INDEXES ?= indexes
 cifar10-index-%: venv
 	$(BIN)/imgsim index build --model $(RUNS)/$*-cifar10 --data $(CIFAR) --out $(INDEXES)/$*-cifar10
