@@ -76,6 +76,7 @@ def evaluate(
         "n_queries": len(keys),
         **{k: round(float(v.mean()), 4) for k, v in per_query.items()},
         "embedding_path": embedded.path_taken,
+        "runtime": "tf" if embedded.path_taken == "cached-features" else embedder.runtime,
         "tta": tta,
         "search_seconds": round(search_seconds, 3),
         "per_class": per_class(per_query, labels, dataset.class_names),
@@ -119,7 +120,8 @@ def _f(x: float | None) -> str:
 def format_summary(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']} on {r['n_queries']} {r['split']} queries against {r['index_count']} indexed images "
-        f"({r['index_type']} index{', flip TTA' if r.get('tta', 'none') == 'flip' else ''}):",
+        f"({r['index_type']} index{', flip TTA' if r.get('tta', 'none') == 'flip' else ''}; "
+        f"queries embedded on runtime {r.get('runtime', 'tf')}):",
         f"  precision@1 {r['precision_at_1']:.4f}  precision@5 {r['precision_at_5']:.4f}  "
         f"precision@10 {r['precision_at_10']:.4f}  mAP@5 {r['map_at_5']:.4f}",
         f"  kNN accuracy (top-5 vote) {r['knn_accuracy']:.4f}  classifier accuracy {_f(r.get('classifier_accuracy'))}",
