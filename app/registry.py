@@ -62,7 +62,7 @@ class LoadedModel:
         fresh.labels_and_keys([])  # load the label map now, not in the first request
         self.store = fresh
         log.info("model %s: index %s is now version %s (%d items)", self.name, self.index_dir, fresh.path.name,
-                 fresh.index.ntotal)  # fmt: skip
+                 fresh.size)  # fmt: skip
         return True
 
 

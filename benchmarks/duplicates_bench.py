@@ -101,7 +101,7 @@ def time_50k() -> float:
     import faiss
 
     from indexer.duplicates import find_duplicates
-    from indexer.store import l2_normalise
+    from indexer.faiss_index import l2_normalise
 
     rng = np.random.default_rng(1)
     centres = l2_normalise(rng.standard_normal((1000, 1024), dtype=np.float32))

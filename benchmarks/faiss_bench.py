@@ -34,7 +34,7 @@ CHUNK = 50_000
 
 def make_vectors(n: int, centres: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
     """``n`` unit vectors near the centres (float32), generated in chunks to bound peak memory."""
-    from indexer.store import l2_normalise
+    from indexer.faiss_index import l2_normalise
 
     dim = centres.shape[1]
     out = np.empty((n, dim), dtype=np.float32)
@@ -53,7 +53,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 def bench_type(index_type: str, xb: np.ndarray, xq: np.ndarray, k: int, threads: list[int], budget: float) -> dict:
     import faiss
 
-    from indexer.store import new_faiss_index
+    from indexer.faiss_index import new_faiss_index
 
     faiss.omp_set_num_threads(max(threads))
     t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def parse_size(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     import faiss
 
-    from indexer.store import l2_normalise
+    from indexer.faiss_index import l2_normalise
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.faiss_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="10k,100k,1M", help="comma-separated, k/M suffixes (default %(default)s)")

@@ -20,8 +20,8 @@ import faiss
 import numpy as np
 
 from indexer.embedding import embed_split
+from indexer.faiss_index import l2_normalise
 from indexer.metrics import average_precision_at_k, precision_at_k, relevance
-from indexer.store import l2_normalise
 from models.embedder import Embedder
 from models.inference import load_trained, open_as_trained
 from models.settings import get_settings

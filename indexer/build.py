@@ -14,15 +14,8 @@ import numpy as np
 from PIL import Image
 
 from indexer.embedding import embed_split
-from indexer.store import (
-    INDEX_TYPES,
-    create_items_db,
-    insert_items,
-    l2_normalise,
-    new_faiss_index,
-    set_skipped,
-    write_index_files,
-)
+from indexer.faiss_index import INDEX_TYPES, l2_normalise, new_faiss_index
+from indexer.store import create_items_db, insert_items, set_skipped, write_index_files
 from indexer.versions import new_version
 from models.data import Dataset, Item, SkipCounter
 from models.embedder import Embedder

@@ -16,8 +16,9 @@ from pathlib import Path
 import faiss
 from PIL import Image
 
+from indexer.faiss_index import l2_normalise
 from indexer.images import item_image_bytes
-from indexer.store import IndexStore, all_vectors, l2_normalise
+from indexer.store import IndexStore
 
 DEFAULT_THRESHOLD = 0.85  # docs/collections.md: the best balance of precision and recall measured
 
@@ -42,7 +43,7 @@ def _find(parent: dict[int, int], x: int) -> int:
 
 def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, chunk: int = 4096) -> list[Group]:
     """Groups of two or more items, largest first; within a group, ids ascending."""
-    ids, vectors = all_vectors(store.index)
+    ids, vectors = store.live_vectors()
     if len(ids) < 2:
         return []
     vectors = l2_normalise(vectors)

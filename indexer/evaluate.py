@@ -11,8 +11,9 @@ import faiss
 import numpy as np
 
 from indexer.embedding import embed_split
+from indexer.faiss_index import l2_normalise
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
-from indexer.store import IndexStore, all_vectors, l2_normalise
+from indexer.store import IndexStore
 from models.embedder import Embedder
 from models.errors import ImgsimError
 from models.inference import load_trained, open_as_trained
@@ -24,7 +25,7 @@ K_MAX = 10
 
 def exact_recall_at_k(store: IndexStore, queries: np.ndarray, approx_ids: np.ndarray, k: int = 5) -> float:
     """Share of the exact top-k (brute force over the stored vectors) the index returned."""
-    ids, vectors = all_vectors(store.index)
+    ids, vectors = store.live_vectors()
     k = min(k, len(ids))  # an index smaller than k: FAISS would pad with -1, i.e. ids[-1]
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))

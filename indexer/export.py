@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store import IndexStore, all_vectors, l2_normalise
+from indexer.faiss_index import l2_normalise
+from indexer.store import IndexStore
 from models.errors import BadInput
 
 COLUMNS = ("key", "source", "label_name", "split", "sha256", "width", "height", "file_size", "added", "meta")
@@ -18,7 +19,7 @@ def export_index(index_dir: Path, out: Path) -> int:
         raise BadInput(f"export writes .npz files; got {out}")
     store = IndexStore.open(index_dir)
     try:
-        ids, vectors = all_vectors(store.index)
+        ids, vectors = store.live_vectors()
         order = np.argsort(ids)
         ids, vectors = ids[order], l2_normalise(vectors[order])
         rows = {int(i): store.item(int(i)) for i in ids}

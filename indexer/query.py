@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from indexer.store import IndexStore, l2_normalise
+from indexer.faiss_index import l2_normalise
+from indexer.store import IndexStore
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,13 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexer.faiss_index import all_vectors, l2_normalise
 from indexer.versions import current_version
 from models.errors import ImgsimError
 from models.manifests import MANIFEST_FILE, IndexManifest, ModelIdentity, read_index_manifest, write_manifest
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.sqlite"
-INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf")
-HNSW_TYPES = ("hnsw", "hnsw-fp16")  # graphs that cannot delete: removal rebuilds them
 
 _SCHEMA = """
 CREATE TABLE items (
@@ -77,57 +76,6 @@ class ItemRow:
     height: int | None
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous for FAISS."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vectors: np.ndarray) -> faiss.Index:
-    """An inner-product index taking our ids (IVF is trained on ``train_vectors``).
-
-    Flat and HNSW sit inside an ``IndexIDMap2``; IVF stores ids itself (an id map on top of
-    IVF would break on removal, as IVF does not renumber its internal ids).
-    """
-    if index_type == "flat":
-        base = faiss.IndexFlatIP(dim)
-    elif index_type in HNSW_TYPES:
-        m = params.get("hnsw_m", 32)
-        if index_type == "hnsw":
-            base = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
-        else:
-            # Vectors stored as float16: half the memory, and a search right after a forward pass
-            # (caches evicted) reads half the bytes from memory (docs/performance.md, D8).
-            base = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = params.get("ef_construction", 80)
-        base.hnsw.efSearch = params.get("ef_search", 64)
-    elif index_type == "ivf":
-        nlist = min(params.get("nlist", 256), max(1, len(train_vectors) // 39))  # FAISS wants ~39 points per list
-        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        base.train(train_vectors)
-        base.nprobe = min(params.get("nprobe", 16), nlist)
-        base.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove_ids by our ids
-        return base
-    else:
-        raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    return faiss.IndexIDMap2(base)
-
-
-def all_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of everything stored in an index made by :func:`new_faiss_index`."""
-    if isinstance(index, faiss.IndexIVF):
-        inv = index.invlists
-        ids = np.concatenate(
-            [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(index.nlist)] or [[]]
-        ).astype(np.int64)
-        return ids, np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), "f4")
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    if len(ids) == 0:
-        return ids, np.zeros((0, index.d), np.float32)
-    return ids, index.index.reconstruct_n(0, index.ntotal)
-
-
 class IndexStore:
     """An open index directory (read-mostly; writes go through :func:`writing`)."""
 
@@ -137,6 +85,8 @@ class IndexStore:
         self.manifest = manifest
         self._db = sqlite3.connect(self.path / ITEMS_FILE, check_same_thread=False)
         self._names: dict[int, tuple[str | None, str]] | None = None
+        self.dead = np.zeros(0, np.int64)  # HNSW only: ids deleted from the items but not from the graph
+        self._search_params: faiss.SearchParameters | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -150,6 +100,8 @@ class IndexStore:
         index = faiss.read_index(str(path / INDEX_FILE))
         store = cls(path, index, manifest)
         try:
+            if manifest.deleted:
+                store.set_dead(np.setdiff1d(faiss.vector_to_array(index.id_map), store.ids()))
             store.check(expect_model)
         except BaseException:
             store.close()
@@ -162,8 +114,11 @@ class IndexStore:
         problems = []
         if self.index.d != m.embedding_dim:
             problems.append(f"FAISS dimension {self.index.d} != manifest {m.embedding_dim}")
-        if self.index.ntotal != m.count or rows != m.count:
-            problems.append(f"counts differ: FAISS {self.index.ntotal}, items table {rows}, manifest {m.count}")
+        if self.index.ntotal != m.count + m.deleted or rows != m.count or len(self.dead) != m.deleted:
+            deleted = f" (deleted in the graph: {len(self.dead)}, manifest {m.deleted})" if m.deleted else ""
+            problems.append(
+                f"counts differ: FAISS {self.index.ntotal}, items table {rows}, manifest {m.count}{deleted}"
+            )
         if expect_model is not None:
             problems += m.model.mismatches(expect_model)
         if problems:
@@ -172,14 +127,41 @@ class IndexStore:
     def close(self) -> None:
         self._db.close()
 
+    def set_dead(self, ids: np.ndarray) -> None:
+        """Deletions an HNSW graph still holds: every search filters them out (an id selector)."""
+        self.dead = np.asarray(ids, dtype=np.int64)
+        if not len(self.dead):
+            self._search_params = None
+            return
+        batch = faiss.IDSelectorBatch(self.dead)
+        params = faiss.SearchParameters(sel=faiss.IDSelectorNot(batch))
+        params._keep = batch  # the SWIG wrappers do not keep the selector they point to alive
+        self._search_params = params
+
     # ----------------------------------------------------------------- reading
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
+    def ids(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self._db.execute("SELECT id FROM items")), dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        """Items the index answers with (an HNSW graph may hold deleted ones too)."""
+        return int(self.index.ntotal) - len(self.dead)
+
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k nearest items by cosine; ids are -1 past the end."""
-        k = min(k, max(1, self.index.ntotal))
-        return self.index.search(l2_normalise(vectors), k)
+        k = min(k, max(1, self.size))
+        return self.index.search(l2_normalise(vectors), k, params=self._search_params)
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every item, without the deleted ones an HNSW graph still holds."""
+        ids, vectors = all_vectors(self.index)
+        if len(self.dead):
+            keep = ~np.isin(ids, self.dead)
+            ids, vectors = ids[keep], vectors[keep]
+        return ids, vectors
 
     def rows(self, ids: Sequence[int]) -> dict[int, ItemRow]:
         wanted = [int(i) for i in ids if i >= 0]
@@ -242,6 +224,8 @@ class IndexStore:
 
     def vector(self, item_id: int) -> np.ndarray:
         """The stored (normalised) vector of an item, with no forward pass."""
+        if int(item_id) in self.dead:
+            raise KeyError(item_id)
         try:
             return self.index.reconstruct(int(item_id))
         except RuntimeError:

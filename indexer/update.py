@@ -11,17 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.store import (
-    HNSW_TYPES,
-    IndexStore,
-    all_vectors,
-    insert_items,
-    l2_normalise,
-    new_faiss_index,
-    set_skipped,
-    upgrade_items_table,
-    write_index_files,
-)
+from indexer.faiss_index import HNSW_TYPES, l2_normalise, new_faiss_index
+from indexer.store import IndexStore, insert_items, set_skipped, upgrade_items_table, write_index_files
 from indexer.versions import new_version
 from models.data import Item, SkipCounter
 from models.embed import stream_forward
@@ -29,6 +20,11 @@ from models.embedder import Embedder
 from models.errors import BadInput, NotFound
 from models.inference import load_trained
 from models.manifests import model_identity, now_utc
+
+# An HNSW graph keeps deleted items (filtered out of searches) until they exceed this share of
+# it; then the next removal rebuilds it from the live vectors. Searches stay exact about what
+# they return either way; the share only bounds wasted memory and graph walking.
+COMPACT_SHARE = 0.2
 
 
 @dataclass
@@ -116,7 +112,7 @@ def apply_changes(
             if skipped:
                 set_skipped(store._db, *skipped)
             store._db.commit()
-            m.count = store.index.ntotal
+            m.count = store.size
             m.updated = now_utc()
             out.count = m.count
             write_index_files(tmp, store.index, m)
@@ -126,18 +122,24 @@ def apply_changes(
 
 
 def _remove(store: IndexStore, ids: list[int]) -> None:
+    """Flat and IVF indexes delete at once; an HNSW graph cannot, so its deleted items stay in
+    the graph, filtered out of every search, until they are a share worth rebuilding for."""
     if not ids:
         return
     drop = np.array(ids, dtype=np.int64)
     m = store.manifest
-    if m.index_type in HNSW_TYPES:  # HNSW graphs cannot delete: rebuild from the stored vectors
-        all_ids, vecs = all_vectors(store.index)
-        keep = ~np.isin(all_ids, drop)
-        store.index = new_faiss_index(m.embedding_dim, m.index_type, m.index_params, vecs[keep])
-        store.index.add_with_ids(vecs[keep], all_ids[keep])
-    else:
+    if m.index_type not in HNSW_TYPES:
         store.index.remove_ids(drop)
+    elif len(dead := np.union1d(store.dead, drop)) <= COMPACT_SHARE * store.index.ntotal:
+        store.set_dead(dead)
+    else:  # compaction: a new graph of the live vectors
+        live_ids, vecs = store.live_vectors()
+        keep = ~np.isin(live_ids, drop)
+        store.index = new_faiss_index(m.embedding_dim, m.index_type, m.index_params, vecs[keep])
+        store.index.add_with_ids(vecs[keep], live_ids[keep])
+        store.set_dead(np.zeros(0, np.int64))
     store._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
+    m.deleted = len(store.dead)
 
 
 def _files(paths: Sequence[Path]) -> list[Path]:

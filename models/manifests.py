@@ -161,6 +161,7 @@ class IndexManifest(_Record):
     score: Literal["cosine"] = "cosine"
     count: int
     next_id: int
+    deleted: int = 0  # HNSW: vectors of deleted items still in the graph, filtered out until compaction
     dataset: IndexDataset
     index_type: IndexType
     index_params: dict[str, int] = Field(default_factory=dict)

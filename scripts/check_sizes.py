@@ -1,6 +1,6 @@
 """Modules over ~300 lines and functions over ~60 in app/, indexer/, models/ (the redesign's limits).
 
-    python scripts/check_sizes.py        # prints what is over, and exits 1 if anything is
+python scripts/check_sizes.py        # prints what is over, and exits 1 if anything is
 """
 
 import ast

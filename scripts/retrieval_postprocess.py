@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from indexer.build import embed_split
-from indexer.store import l2_normalise
+from indexer.faiss_index import l2_normalise
 from models.data import open_dataset
 from models.embedder import Embedder
 from models.inference import load_trained

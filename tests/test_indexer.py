@@ -23,9 +23,11 @@ from PIL import Image
 from indexer.build import build_index
 from indexer.embedding import embed_split
 from indexer.evaluate import evaluate, exact_recall_at_k
+from indexer.faiss_index import INDEX_TYPES, all_vectors, l2_normalise, new_faiss_index
 from indexer.images import item_image_bytes, load_item_image
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
-from indexer.store import INDEX_TYPES, IndexStore, all_vectors, l2_normalise, new_faiss_index
+from indexer.query import search as query_search
+from indexer.store import IndexStore
 from indexer.update import add_images, remove_ids
 from indexer.versions import store_dir
 from models.backbones import preprocess
@@ -139,9 +141,10 @@ def _snapshot(index_dir: Path) -> Snapshot:
     """Open the index (which cross-checks it) and assert manifest == FAISS == SQLite counts."""
     store = IndexStore.open(index_dir)
     try:
-        ids, vecs = all_vectors(store.index)
+        ids, vecs = store.live_vectors()
         n_rows = store.count()
-        assert store.manifest.count == store.index.ntotal == n_rows == len(ids)
+        assert store.manifest.count == store.size == n_rows == len(ids)
+        assert store.index.ntotal == store.size + store.manifest.deleted == store.size + len(store.dead)
         rows = store.rows(ids.tolist())
         assert sorted(rows) == sorted(ids.tolist())  # the same ids in FAISS and in the table
         assert store.manifest.next_id > max(rows, default=-1)
@@ -389,6 +392,28 @@ def test_remove_keeps_other_ids_keys_vectors_and_results(env: Env, tmp_path: Pat
     with pytest.raises(ImgsimError, match=r"unknown ids: 3, 999"):
         remove_ids(out, [3, 999, 5])
     assert _snapshot(out).rows == after.rows  # a refused removal changes nothing
+    if index_type.startswith("hnsw"):  # the graph keeps deleted items, filtered, until they are 20 %
+        assert after.manifest.deleted == 3
+        store = IndexStore.open(out)
+        try:  # every way of reading the index leaves the deleted items out
+            with pytest.raises(KeyError):
+                store.vector(3)
+            assert not np.isin(store.live_vectors()[0], drop).any()
+            for label in {r.label_name for r in before.rows.values()}:
+                hits = query_search(store, probe[0], 30, label=label)
+                assert hits and not {h.id for h in hits} & set(drop)
+                assert {h.id for h in hits} == {i for i, r in after.rows.items() if r.label_name == label}
+        finally:
+            store.close()
+        with pytest.raises(ImgsimError, match="unknown ids: 3"):  # a deleted id stays deleted
+            remove_ids(out, [3])
+        remove_ids(out, [1, 2])
+        assert _snapshot(out).manifest.deleted == 5
+        remove_ids(out, [4, 5])  # 7 of 30 > 20 %: compacted
+        compacted = _snapshot(out)
+        assert compacted.manifest.deleted == 0 and len(compacted.rows) == 23
+        _, ids_compacted = _search(out, probe, 23)
+        assert not np.isin(ids_compacted, drop + [1, 2, 4, 5]).any() and ids_compacted[:, 0].tolist() == [0, 10, 20]
 
 
 def test_add_gets_new_ids_skips_duplicates_and_never_reuses_removed(env: Env, flat_copy: Path, tmp_path: Path) -> None:
@@ -648,7 +673,7 @@ def test_exact_recall_counts_only_real_neighbours() -> None:
     vecs = l2_normalise(rng.normal(size=(3, 8)))
     index = new_faiss_index(8, "hnsw", {}, vecs)
     index.add_with_ids(vecs, np.array([7, 8, 9], dtype=np.int64))
-    store = SimpleNamespace(index=index)
+    store = SimpleNamespace(index=index, live_vectors=lambda: all_vectors(index))
     queries = l2_normalise(rng.normal(size=(4, 8)))
     _, ids = index.search(queries, 3)  # an index of 3 items: every item is found
     assert exact_recall_at_k(store, queries, ids, k=5) == 1.0  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ def readyz(registry: Registry) -> Response:
     for name, m in registry.models.items():
         try:
             m.store.check()
-            counts[name] = m.store.index.ntotal
+            counts[name] = m.store.size
         except Exception as exc:  # a broken index must show here, not crash the probe
             problems.append(f"{name}: {exc}")
     ok = bool(counts) and not problems

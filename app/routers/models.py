@@ -47,7 +47,7 @@ def list_models(registry: Registry, settings: Settings) -> ModelsResponse:
                 classes=man.class_names,
                 embedding_dim=man.embedding_dim,
                 has_classifier=m.embedder.has_classifier,
-                index_size=m.store.index.ntotal,
+                index_size=m.store.size,
                 index_type=m.store.manifest.index_type,
                 index_version=m.store.path.name,
                 tta=m.store.manifest.tta,

@@ -36,8 +36,9 @@ from app.uploads import (
     run_images,
     server_timing,
 )
+from indexer.faiss_index import l2_normalise
 from indexer.query import Hit, hits_from_result, search
-from indexer.store import IndexStore, l2_normalise
+from indexer.store import IndexStore
 from models.errors import Conflict
 
 router = APIRouter(prefix="/v1", tags=["search"])

@@ -1,0 +1,66 @@
+"""The FAISS side of an index: an index of each type, every vector read back, unit-length rows.
+
+Flat and HNSW indexes sit inside an ``IndexIDMap2`` so they take our item ids; IVF keeps ids
+itself. Everything about items, versions and manifests is in :mod:`indexer.store`.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from models.errors import ImgsimError
+
+INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf")
+HNSW_TYPES = ("hnsw", "hnsw-fp16")  # graphs that cannot delete: deletions are filtered until compaction
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous for FAISS."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vectors: np.ndarray) -> faiss.Index:
+    """An inner-product index taking our ids (IVF is trained on ``train_vectors``).
+
+    Flat and HNSW sit inside an ``IndexIDMap2``; IVF stores ids itself (an id map on top of
+    IVF would break on removal, as IVF does not renumber its internal ids).
+    """
+    if index_type == "flat":
+        base = faiss.IndexFlatIP(dim)
+    elif index_type in HNSW_TYPES:
+        m = params.get("hnsw_m", 32)
+        if index_type == "hnsw":
+            base = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            # Vectors stored as float16: half the memory, and a search right after a forward pass
+            # (caches evicted) reads half the bytes from memory (docs/performance.md, D8).
+            base = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = params.get("ef_construction", 80)
+        base.hnsw.efSearch = params.get("ef_search", 64)
+    elif index_type == "ivf":
+        nlist = min(params.get("nlist", 256), max(1, len(train_vectors) // 39))  # FAISS wants ~39 points per list
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        base.train(train_vectors)
+        base.nprobe = min(params.get("nprobe", 16), nlist)
+        base.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove_ids by our ids
+        return base
+    else:
+        raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    return faiss.IndexIDMap2(base)
+
+
+def all_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of everything stored in an index made by :func:`new_faiss_index`."""
+    if isinstance(index, faiss.IndexIVF):
+        inv = index.invlists
+        ids = np.concatenate(
+            [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(index.nlist)] or [[]]
+        ).astype(np.int64)
+        return ids, np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), "f4")
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    if len(ids) == 0:
+        return ids, np.zeros((0, index.d), np.float32)
+    return ids, index.index.reconstruct_n(0, index.ntotal)
