@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,8 +206,10 @@ def model_samples(manifest: ModelManifest, settings: Settings, collection: Datas
     ``collection`` it indexes.
     """
 
+    source = functools.cache(lambda: _samples_source(manifest, settings, collection))  # listed once for both kinds
+
     def samples(kind: str, n: int) -> tuple[np.ndarray, list[str], str] | None:
-        dataset = _samples_source(manifest, settings, collection)
+        dataset = source()
         if dataset is None:
             return None
         order = ("train",) if kind == "calibration" else ("val", "test", "train")
