@@ -58,7 +58,7 @@ class LoadedModel:
         """
         if current_version(self.index_dir) == self.store.path:
             return False
-        fresh = IndexStore.open(self.index_dir, expect_model=self.identity)
+        fresh = IndexStore.open(self.index_dir, expect_model=self.identity, mmap=True)
         fresh.labels_and_keys([])  # load the label map now, not in the first request
         self.store = fresh
         log.info("model %s: index %s is now version %s (%d items)", self.name, self.index_dir, fresh.path.name,
@@ -115,7 +115,7 @@ class ModelRegistry:
         if name in self.models:
             raise BadInput(f"two models are named {name!r}; give them distinct names")
         identity = model_identity(trained.path, trained.manifest)
-        store = IndexStore.open(pair.index, expect_model=identity)
+        store = IndexStore.open(pair.index, expect_model=identity, mmap=True)
         embedder = Embedder(trained, runtime=self.settings.runtime, settings=self.settings)
         size = embedder.input_size
         embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request

@@ -36,7 +36,8 @@ def make_tree(root: Path, n: int) -> None:
 def make_index(root: Path, out: Path) -> None:
     """An index of every file of ``root``, as `imgsim index build` would record it."""
     from indexer.faiss_index import new_faiss_index
-    from indexer.store import create_items_db, insert_items, write_index_files
+    from indexer.items_table import create_items_db, insert_items
+    from indexer.store import write_index_files
     from indexer.versions import new_version
     from models.data import open_dataset
     from models.manifests import IndexDataset, IndexManifest, ModelIdentity

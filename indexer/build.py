@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,10 +15,13 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from indexer.embedding import embed_split
+from indexer.embedding import Embedded, embed_split
 from indexer.faiss_index import INDEX_TYPES, l2_normalise, new_faiss_index
-from indexer.store import create_items_db, insert_items, set_skipped, write_index_files
-from indexer.versions import new_version
+from indexer.index_plan import PQ_DEFAULT, ivfpq_params, plan
+from indexer.items_table import create_items_db, insert_items, set_skipped
+from indexer.store import write_index_files
+from indexer.vector_file import VECTORS_FILE, put_rows
+from indexer.versions import new_version, store_dir
 from models.data import Dataset, Item, SkipCounter
 from models.embedder import Embedder
 from models.errors import ImgsimError
@@ -36,6 +41,8 @@ class BuildReport:
     skipped: SkipCounter
     notes: list[str] = field(default_factory=list)
     runtime: str = "tf"
+    index_type: str = "flat"
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray: images embedded per node id
 
     @property
     def images_per_second(self) -> float:
@@ -77,8 +84,9 @@ def build_index(
     data: str,
     out: Path,
     *,
-    index_type: str = "flat",
+    index_type: str | None = None,
     params: dict[str, int] | None = None,
+    max_index_memory: int | None = None,
     val_fraction: float | None = None,
     seed: int | None = None,
     max_per_class: int | None = None,
@@ -86,58 +94,154 @@ def build_index(
     use_cache: bool = True,
     tta: str = "none",
     labels: str = "auto",
+    engine: Engine | None = None,
     settings: Settings | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Embed the train and validation images of ``data`` (an unlabelled tree: all of it, see
     ``labels`` in :func:`models.data.open_dataset`) and write INDEX_DIR atomically.
-    ``model_dir``: a MODEL_DIR or a backbone name (ImageNet features, no training).
 
-    ``tta="flip"`` indexes each image by its own embedding plus its mirror image's; the
-    manifest records it, so queries (``evaluate``, the service) are embedded the same way.
+    ``model_dir``: a MODEL_DIR or a backbone name. ``index_type`` None: flat, or the best
+    index within ``max_index_memory`` bytes. ``engine``: where images are embedded (here).
+    ``tta="flip"``: each image's embedding plus its mirror image's (queries do the same).
     """
     settings = settings or get_settings()
     check_tta(tta)
-    if index_type not in INDEX_TYPES:
+    if index_type is not None and index_type not in INDEX_TYPES:
         raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     start = time.perf_counter()
     trained = load_trained(model_dir)
-    # The model's own split by default, so the training feature cache can be reused.
-    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
-    if dataset.labelled and trained.manifest.training and dataset.class_names != trained.manifest.class_names:
-        raise ImgsimError(
-            f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
-        )
+    dataset = _open_collection(trained, data, settings, val_fraction, seed, max_per_class, labels)
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
-    embedder = Embedder(trained, settings=settings, collection=dataset)
-    embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))  # trace outside the timing
-    t0 = time.perf_counter()
-    embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)
-    embed_seconds = time.perf_counter() - t0
-
+    _choose_index(len(items), trained.manifest.embedding_dim, index_type, params, max_index_memory)  # fail early
+    if engine is not None and engine.kind == "ray":
+        t0 = time.perf_counter()
+        embedded, runtime, nodes = _embed_on_ray(trained, dataset, items, engine, out, batch_size, tta, settings,
+                                                 progress)  # fmt: skip
+        embed_seconds = time.perf_counter() - t0
+    else:
+        embedded, runtime, embed_seconds = _embed_here(trained, dataset, items, batch_size, settings, use_cache,
+                                                       progress, tta)  # fmt: skip
+        nodes = {}
     # Archives and array sources cannot serve one image quickly, so their bytes are stored.
     store_bytes = dataset.kind != "folder"
     by_key = _item_rows(dataset, items, 0, store_bytes)
     ordered = [by_key[k] for k in embedded.keys]
     ids = np.array([r[0] for r in ordered], dtype=np.int64)
     vectors = l2_normalise(embedded.vectors)
-    index = new_faiss_index(vectors.shape[1], index_type, params or {}, vectors)
+    index_type, params = _choose_index(len(ids), vectors.shape[1], index_type, params, max_index_memory)
+    index = new_faiss_index(vectors.shape[1], index_type, params, vectors)
     index.add_with_ids(vectors, ids)
     spec = str(Path(data).resolve()) if Path(data).exists() else data
-    manifest = _manifest(
-        trained, dataset, spec, index, index_type, params or {}, embedded.path_taken, tta, store_bytes, ids
-    )
+    manifest = _manifest(trained, dataset, spec, index, index_type, params, embedded.path_taken, tta, store_bytes, ids)
     skipped = [(i.key, *dataset.file_stats.get(i.key, (None, None)), why) for i, why in embedded.skipped.skipped]
-    _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest, spec, skipped)
+    exact = (ids, vectors) if index_type == "ivfpq" else None
+    _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest, spec, skipped, exact)
     e, seconds = embedded, time.perf_counter() - start
-    return BuildReport(len(ids), e.path_taken, seconds, embed_seconds, e.skipped, e.notes, embedder.runtime)
+    return BuildReport(len(ids), e.path_taken, seconds, embed_seconds, e.skipped, e.notes, runtime, index_type, nodes)
+
+
+def _open_collection(
+    trained: TrainedModel,
+    data: str,
+    settings: Settings,
+    val_fraction: float | None,
+    seed: int | None,
+    max_per_class: int | None,
+    labels: str,
+) -> Dataset:
+    """The collection, split as the model was trained (so its feature cache can be reused)."""
+    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
+    if dataset.labelled and trained.manifest.training and dataset.class_names != trained.manifest.class_names:
+        raise ImgsimError(
+            f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
+        )
+    return dataset
+
+
+def _embed_here(
+    trained: TrainedModel,
+    dataset: Dataset,
+    items: Sequence[Item],
+    batch_size: int,
+    settings: Settings,
+    use_cache: bool,
+    progress: bool,
+    tta: str,
+) -> tuple[Embedded, str, float]:
+    """(embeddings, runtime, seconds) from this process, the graph traced outside the timing."""
+    embedder = Embedder(trained, settings=settings, collection=dataset)
+    embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))
+    t0 = time.perf_counter()
+    embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)
+    return embedded, embedder.runtime, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a build embeds its images: "local" (this process) or "ray" (a Ray cluster)."""
+
+    kind: str = "local"
+    address: str | None = None  # Ray: host:port, "auto", or None for a local Ray instance
+    actors: int | None = None  # Ray: model actors (default: the cluster's CPUs / 2)
+
+
+def _choose_index(
+    n: int, dim: int, index_type: str | None, params: dict[str, int] | None, budget: int | None
+) -> tuple[str, dict[str, int]]:
+    """(index type, params): as given, or planned from the memory budget; ivfpq gets its
+    list count from the collection's size."""
+    if budget is not None:
+        chosen = plan(max(n, 1), dim, budget, index_type)
+        return chosen.index_type, {**chosen.params, **(params or {})}
+    index_type = index_type or "flat"
+    if index_type == "ivfpq":
+        return index_type, {**ivfpq_params(max(n, 1), dim, PQ_DEFAULT), **(params or {})}
+    return index_type, dict(params or {})
+
+
+def _embed_on_ray(
+    trained: TrainedModel,
+    dataset: Dataset,
+    items: Sequence[Item],
+    engine: Engine,
+    out: Path,
+    batch_size: int,
+    tta: str,
+    settings: Settings,
+    progress: bool,
+) -> tuple[Embedded, str, dict[str, int]]:
+    """Embeddings from a Ray cluster, and how many images each node embedded."""
+    from indexer.ray_engine import embed_on_ray
+
+    runtime = "tf" if settings.runtime == "auto" else settings.runtime  # each actor's CPU may differ: no auto
+    shards = store_dir(out) / f"shards-{os.getpid()}"
+    try:
+        keys, vectors, skipped, per_node = embed_on_ray(
+            str(trained.path), dataset, items, trained.manifest.input_size, shards=shards, address=engine.address,
+            runtime=runtime, tta=tta, actors=engine.actors, batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(shards, ignore_errors=True)
+    label_of = {i.key: i.label for i in items}
+    labels = np.array([label_of[k] for k in keys], dtype=np.int64)
+    return Embedded(keys, labels, vectors, np.zeros((len(keys), 0)), "full-model", skipped), runtime, per_node
 
 
 def _write(
-    out: Path, rows: list[tuple], index: faiss.Index, manifest: IndexManifest, source: str, skipped: list[tuple]
+    out: Path,
+    rows: list[tuple],
+    index: faiss.Index,
+    manifest: IndexManifest,
+    source: str,
+    skipped: list[tuple],
+    exact: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """The first version of INDEX_DIR (or a new one replacing it), published when complete."""
+    """The first version of INDEX_DIR (or a new one replacing it), published when complete.
+    ``exact``: (ids, vectors) for the vector file of a compressed index."""
     with new_version(out) as tmp:
+        if exact is not None:
+            put_rows(tmp / VECTORS_FILE, *exact, manifest.next_id)
         db = create_items_db(tmp / "items.sqlite")
         insert_items(db, rows)
         set_skipped(db, source, skipped, [])

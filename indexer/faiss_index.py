@@ -11,7 +11,8 @@ import numpy as np
 
 from models.errors import ImgsimError
 
-INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf", "ivfpq")
+TRAIN_PER_LIST = 64  # training vectors per IVF list (FAISS uses at most 256; more costs time, not recall)
 HNSW_TYPES = ("hnsw", "hnsw-fp16")  # graphs that cannot delete: deletions are filtered until compaction
 
 
@@ -47,18 +48,51 @@ def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vec
         base.nprobe = min(params.get("nprobe", 16), nlist)
         base.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove_ids by our ids
         return base
+    elif index_type == "ivfpq":
+        return _ivfpq(dim, params, train_vectors)
     else:
         raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     return faiss.IndexIDMap2(base)
 
 
+def ivfpq_key(dim: int, params: dict[str, int]) -> str:
+    """The FAISS factory string of a compressed index (see :mod:`indexer.index_plan`)."""
+    nlist, pq = params.get("nlist", 1024), params.get("pq_m", 64)
+    if dim % pq:
+        raise ImgsimError(f"pq_m={pq} must divide the embedding dimension {dim}")
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 1000 else f"IVF{nlist}"
+    return f"{coarse},PQ{pq}x8"
+
+
+def _ivfpq(dim: int, params: dict[str, int], train_vectors: np.ndarray) -> faiss.Index:
+    """IVF-PQ storing our ids; no direct map (a hash map of every id would cost more RAM than
+    the codes): item vectors come from the float16 vector file instead."""
+    index = faiss.index_factory(dim, ivfpq_key(dim, params), faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if len(train_vectors) < max(ivf.nlist, 256):
+        raise ImgsimError(
+            f"an ivfpq index ({ivf.nlist} lists, 256 codes per sub-vector) needs at least "
+            f"{max(ivf.nlist, 256)} vectors to train on, not {len(train_vectors)}: use flat or hnsw"
+        )
+    sample = np.random.default_rng(0).permutation(len(train_vectors))[: max(TRAIN_PER_LIST * ivf.nlist, 10_000)]
+    ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # small collections: no warnings
+    index.train(train_vectors[np.sort(sample)])
+    ivf.nprobe = min(params.get("nprobe", 64), ivf.nlist)
+    return index
+
+
+def ivf_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in an IVF index (inside a transform or not)."""
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    parts = [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(ivf.nlist) if inv.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def all_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of everything stored in an index made by :func:`new_faiss_index`."""
+    """(ids, vectors) of everything stored in a flat, HNSW or IVF-flat index (ivfpq: see the store)."""
     if isinstance(index, faiss.IndexIVF):
-        inv = index.invlists
-        ids = np.concatenate(
-            [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(index.nlist)] or [[]]
-        ).astype(np.int64)
+        ids = ivf_ids(index)
         return ids, np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), "f4")
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
     if len(ids) == 0:

@@ -31,7 +31,7 @@ def ids_with_label(store: IndexStore, label: str) -> np.ndarray:
 
 
 def _exact(store: IndexStore, query: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    vectors = l2_normalise(np.stack([store.index.reconstruct(int(i)) for i in allowed]))
+    vectors = l2_normalise(store.vectors_of(allowed))
     scores = vectors @ query[0]
     order = np.argsort(-scores)[:k]
     return scores[order][None], allowed[order][None]
@@ -44,7 +44,7 @@ def _filtered(store: IndexStore, query: np.ndarray, k: int, allowed: np.ndarray)
         params = faiss.SearchParametersIVF(sel=sel, nprobe=base.nprobe)
     else:
         params = faiss.SearchParameters(sel=sel)
-    scores, ids = store.index.search(query, min(k, len(allowed)), params=params)
+    scores, ids = store.search(query, min(k, len(allowed)), params=params)
     if (ids[0] >= 0).sum() < min(k, len(allowed)):  # the approximate index lost some: compare exactly
         return _exact(store, query, allowed, k)
     return scores, ids

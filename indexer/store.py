@@ -7,7 +7,8 @@ build or update leaves the previous index intact.
 
 Layout of INDEX_DIR::
 
-    index.faiss     the FAISS index (flat, HNSW or IVF inside an id map)
+    index.faiss     the FAISS index (flat, HNSW or IVF inside an id map; IVF-PQ)
+    vectors.f16     ivfpq only: every exact vector as float16, memory-mapped (indexer.vector_file)
     items.sqlite    items(id, key, source, label, label_name, split, sha256, width, height, image)
     manifest.json   model identity, embedding layer/dim, metric, counts, dataset, index type
 """
@@ -23,44 +24,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.faiss_index import all_vectors, l2_normalise
+from indexer.faiss_index import all_vectors, ivf_ids, l2_normalise
+from indexer.vector_file import VECTORS_FILE, VectorFile, rerank
 from indexer.versions import current_version
 from models.errors import ImgsimError
 from models.manifests import MANIFEST_FILE, IndexManifest, ModelIdentity, read_index_manifest, write_manifest
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.sqlite"
-
-_SCHEMA = """
-CREATE TABLE items (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL,          -- path or archive member inside the source
-    source TEXT NOT NULL,       -- dataset spec, or the file path for images added later
-    label INTEGER NOT NULL,     -- -1 when unknown
-    label_name TEXT,
-    split TEXT,
-    sha256 TEXT NOT NULL,
-    width INTEGER,
-    height INTEGER,
-    image BLOB,                 -- encoded bytes when the source cannot serve single files fast
-    file_size INTEGER,          -- size and mtime of the source file when indexed (sync compares them)
-    mtime_ns INTEGER,
-    added TEXT,                 -- when the item was added (ISO 8601, UTC)
-    meta TEXT                   -- the user's JSON metadata object
-);
-CREATE INDEX items_sha256 ON items(sha256);
-"""
-# Files of the folder that could not be read as images, with the stat they had: a sync
-# leaves them alone until they change, instead of trying them again every time.
-_SKIPPED = """
-CREATE TABLE IF NOT EXISTS skipped (
-    key TEXT NOT NULL, source TEXT NOT NULL, file_size INTEGER, mtime_ns INTEGER, reason TEXT,
-    PRIMARY KEY (source, key)
-);
-"""
-COLUMNS = ("id", "key", "source", "label", "label_name", "split", "sha256", "width", "height", "image",
-           "file_size", "mtime_ns", "added", "meta")  # fmt: skip
-_ADDED_LATER = {"file_size": "INTEGER", "mtime_ns": "INTEGER", "added": "TEXT", "meta": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -87,17 +58,29 @@ class IndexStore:
         self._names: dict[int, tuple[str | None, str]] | None = None
         self.dead = np.zeros(0, np.int64)  # HNSW only: ids deleted from the items but not from the graph
         self._search_params: faiss.SearchParameters | None = None
+        self.vectors: VectorFile | None = None  # ivfpq only
+        if manifest.index_type == "ivfpq":
+            try:
+                self.vectors = VectorFile(self.path / VECTORS_FILE, manifest.next_id, manifest.embedding_dim)
+            except (OSError, ValueError) as exc:
+                self._db.close()
+                raise ImgsimError(f"index {self.path}: its vector file cannot be read ({exc}); rebuild it") from None
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def open(cls, path: Path, expect_model: ModelIdentity | None = None) -> IndexStore:
-        """Open and cross-check manifest, FAISS index and item table (and the model, if given)."""
+    def open(cls, path: Path, expect_model: ModelIdentity | None = None, mmap: bool = False) -> IndexStore:
+        """Open and cross-check manifest, FAISS index and item table (and the model, if given).
+
+        ``mmap``: a compressed (ivfpq) index is memory-mapped read-only instead of read into
+        RAM, so processes serving the same index share one copy in the page cache.
+        """
         path = current_version(path)  # one version: a swap while we read does not mix two
         for name in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE):
             if not (path / name).is_file():
                 raise ImgsimError(f"{path} is not an index directory ({name} missing); build one with `imgsim index`")
         manifest = read_index_manifest(path)
-        index = faiss.read_index(str(path / INDEX_FILE))
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and manifest.index_type == "ivfpq" else 0
+        index = faiss.read_index(str(path / INDEX_FILE), flags)
         store = cls(path, index, manifest)
         try:
             if manifest.deleted:
@@ -126,6 +109,8 @@ class IndexStore:
 
     def close(self) -> None:
         self._db.close()
+        if self.vectors is not None:
+            self.vectors.close()
 
     def set_dead(self, ids: np.ndarray) -> None:
         """Deletions an HNSW graph still holds: every search filters them out (an id selector)."""
@@ -150,13 +135,33 @@ class IndexStore:
         """Items the index answers with (an HNSW graph may hold deleted ones too)."""
         return int(self.index.ntotal) - len(self.dead)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of the k nearest items by cosine; ids are -1 past the end."""
+    def search(
+        self, vectors: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k nearest items by cosine; ids are -1 past the end.
+
+        A compressed index ranks ``rerank`` times k candidates by their codes, then the best
+        k of them by their exact vectors (``rerank`` 0: the codes' approximate scores).
+        """
         k = min(k, max(1, self.size))
-        return self.index.search(l2_normalise(vectors), k, params=self._search_params)
+        queries = l2_normalise(vectors)
+        factor = self.manifest.index_params.get("rerank", 0) if self.vectors is not None else 0
+        if not factor:
+            return self.index.search(queries, k, params=params or self._search_params)
+        _, candidates = self.index.search(queries, min(k * factor, self.size), params=params)
+        return rerank(self.vectors, queries, candidates, k)  # type: ignore[arg-type]
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of existing ids (from the vector file of a compressed index)."""
+        if self.vectors is not None:
+            return self.vectors.get(ids)
+        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.index.d))
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every item, without the deleted ones an HNSW graph still holds."""
+        if self.vectors is not None:
+            ids = np.sort(ivf_ids(self.index))
+            return ids, self.vectors.get(ids)
         ids, vectors = all_vectors(self.index)
         if len(self.dead):
             keep = ~np.isin(ids, self.dead)
@@ -226,6 +231,10 @@ class IndexStore:
         """The stored (normalised) vector of an item, with no forward pass."""
         if int(item_id) in self.dead:
             raise KeyError(item_id)
+        if self.vectors is not None:
+            if self._db.execute("SELECT 1 FROM items WHERE id = ?", (int(item_id),)).fetchone() is None:
+                raise KeyError(item_id)
+            return self.vectors.get(np.array([item_id]))[0]
         try:
             return self.index.reconstruct(int(item_id))
         except RuntimeError:
@@ -241,37 +250,6 @@ class IndexStore:
             sql = f"SELECT sha256, MIN(id) FROM items WHERE sha256 IN ({q}) GROUP BY sha256"
             found.update(dict(self._db.execute(sql, part)))
         return found
-
-
-# --------------------------------------------------------------------- writing
-def create_items_db(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path)
-    db.executescript(_SCHEMA + _SKIPPED)
-    return db
-
-
-def insert_items(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: the first ``len(row)`` of COLUMNS (id, key, source, label, ... image, file_size, ...)."""
-    for n in sorted({len(r) for r in rows}):
-        cols = ", ".join(COLUMNS[:n])
-        db.executemany(f"INSERT INTO items ({cols}) VALUES ({','.join('?' * n)})", [r for r in rows if len(r) == n])
-
-
-def upgrade_items_table(db: sqlite3.Connection) -> None:
-    """Add the columns of later versions to a table written by an earlier one (a copy being written)."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(items)")}
-    for name, kind in _ADDED_LATER.items():
-        if name not in have:
-            db.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
-    db.executescript(_SKIPPED)
-
-
-def set_skipped(
-    db: sqlite3.Connection, source: str, rows: Sequence[tuple[str, int, int, str]], drop: Sequence[str]
-) -> None:
-    """Record unreadable files (key, size, mtime_ns, reason) of ``source``; forget the keys in ``drop``."""
-    db.executemany("DELETE FROM skipped WHERE source = ? AND key = ?", [(source, k) for k in drop])
-    db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?)", [(k, source, *rest) for k, *rest in rows])
 
 
 def write_index_files(directory: Path, index: faiss.Index, manifest: IndexManifest) -> None:

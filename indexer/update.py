@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 
 from indexer.faiss_index import HNSW_TYPES, l2_normalise, new_faiss_index
-from indexer.store import IndexStore, insert_items, set_skipped, upgrade_items_table, write_index_files
+from indexer.items_table import insert_items, set_skipped, upgrade_items_table
+from indexer.store import IndexStore, write_index_files
+from indexer.vector_file import VECTORS_FILE, put_rows
 from indexer.versions import new_version
 from models.data import Item, SkipCounter
 from models.embed import stream_forward
@@ -101,12 +103,7 @@ def apply_changes(
                     if dedupe:
                         known[item.sha256] = m.next_id + len(fresh)
                     fresh.append(item)
-            if fresh:
-                ids = np.arange(m.next_id, m.next_id + len(fresh), dtype=np.int64)
-                store.index.add_with_ids(l2_normalise(np.stack([a.vector for a in fresh])), ids)
-                insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids)])
-                out.added = ids.tolist()
-                m.next_id += len(fresh)
+            out.added = _add(store, tmp, fresh)
             sql = "UPDATE items SET file_size = ?, mtime_ns = ? WHERE id = ?"
             store._db.executemany(sql, [(size, mtime, i) for i, (size, mtime) in (stats or {}).items()])
             if skipped:
@@ -119,6 +116,21 @@ def apply_changes(
         finally:
             store.close()
     return out
+
+
+def _add(store: IndexStore, tmp: Path, fresh: list[NewItem]) -> list[int]:
+    """Append items with the next ids (and, for a compressed index, their exact vectors)."""
+    if not fresh:
+        return []
+    m = store.manifest
+    ids = np.arange(m.next_id, m.next_id + len(fresh), dtype=np.int64)
+    vectors = l2_normalise(np.stack([a.vector for a in fresh]))
+    store.index.add_with_ids(vectors, ids)
+    if store.vectors is not None:
+        put_rows(tmp / VECTORS_FILE, ids, vectors, m.next_id + len(fresh))
+    insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids)])
+    m.next_id += len(fresh)
+    return ids.tolist()
 
 
 def _remove(store: IndexStore, ids: list[int]) -> None:

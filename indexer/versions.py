@@ -32,6 +32,9 @@ from models.errors import Busy, ImgsimError
 from models.manifests import MANIFEST_FILE
 
 FILES = ("index.faiss", "items.sqlite", MANIFEST_FILE)
+# Append-only files shared by every version through a hard link instead of a copy (a version
+# reads only the part its manifest counts; see indexer.vector_file).
+SHARED = ("vectors.f16",)
 _VERSION = re.compile(r"^v(\d{6})$")
 KEEP = 2  # the current version and the one before it
 
@@ -143,6 +146,9 @@ def new_version(index_dir: Path, copy_current: bool = False, lock_timeout: float
                 current = current_version(index_dir)
                 for name in FILES:
                     shutil.copy2(current / name, tmp / name)
+                for name in SHARED:
+                    if (current / name).exists():
+                        os.link(current / name, tmp / name)
             yield tmp
             for name in FILES:  # durable before it is published (a crash of the machine, not just of us)
                 with open(tmp / name, "rb") as f:

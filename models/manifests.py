@@ -23,7 +23,7 @@ from models.errors import ImgsimError
 FORMAT = 2
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
-IndexType = Literal["flat", "hnsw", "hnsw-fp16", "ivf"]
+IndexType = Literal["flat", "hnsw", "hnsw-fp16", "ivf", "ivfpq"]
 Tta = Literal["none", "flip"]
 
 

@@ -10,19 +10,28 @@ from app.cli import options
 
 HNSW_PARAMS = ("hnsw_m", "ef_construction", "ef_search")
 IVF_PARAMS = ("nlist", "nprobe")
+IVFPQ_PARAMS = ("nlist", "nprobe", "pq_m", "rerank")
+
+
+def _params(args: argparse.Namespace) -> dict[str, int]:
+    """The index knobs given on the command line (unset ones: the defaults or the plan's)."""
+    family = "hnsw" if (args.index_type or "").startswith("hnsw") else args.index_type  # hnsw-fp16: same graph
+    keep = {"hnsw": HNSW_PARAMS, "ivf": IVF_PARAMS, "ivfpq": IVFPQ_PARAMS}.get(family or "", ())
+    return {k: getattr(args, k) for k in keep if getattr(args, k) is not None}
 
 
 def build(args: argparse.Namespace) -> int:
-    from indexer.build import build_index
+    from indexer.build import Engine, build_index
+    from indexer.index_plan import parse_bytes
 
-    family = "hnsw" if args.index_type.startswith("hnsw") else args.index_type  # hnsw, hnsw-fp16: same graph
-    keep = {"hnsw": HNSW_PARAMS, "ivf": IVF_PARAMS}.get(family, ())
     report = build_index(
         args.model,
         args.data,
         args.out,
         index_type=args.index_type,
-        params={k: getattr(args, k) for k in keep},
+        params=_params(args),
+        max_index_memory=parse_bytes(args.max_index_memory) if args.max_index_memory else None,
+        engine=Engine(args.engine, args.ray_address, args.actors),
         val_fraction=args.val_fraction,
         seed=args.seed,
         max_per_class=args.max_per_class,
@@ -40,11 +49,13 @@ def build(args: argparse.Namespace) -> int:
         else f"ran the full model over every image on runtime {report.runtime}"
     )
     print(
-        f"indexed {report.count} images ({args.index_type}) in {report.seconds:.1f} s; embedding "
+        f"indexed {report.count} images ({report.index_type}) in {report.seconds:.1f} s; embedding "
         f"{report.embed_seconds:.1f} s = {report.images_per_second:.1f} img/s; {how} -> {args.out}"
     )
     for note in report.notes:
         print(f"  flip TTA, {note}")
+    for node, n in sorted(report.nodes.items()):
+        print(f"  Ray node {node[:12]}: {n} images")
     return 0
 
 
@@ -98,16 +109,41 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="INDEX_DIR to create or replace")
     p.add_argument(
         "--index-type",
-        choices=("flat", "hnsw", "hnsw-fp16", "ivf"),
-        default="flat",
-        help="flat: exact (default); hnsw / ivf: approximate, for large collections; hnsw-fp16: HNSW with "
-        "vectors stored as float16 (half the memory, faster searches, recall a little lower)",
+        choices=("flat", "hnsw", "hnsw-fp16", "ivf", "ivfpq"),
+        default=None,
+        help="flat: exact (the default without --max-index-memory); hnsw / ivf: approximate, for large "
+        "collections; hnsw-fp16: HNSW with vectors stored as float16 (half the memory); ivfpq: compressed "
+        "(IVF-PQ codes in RAM, exact float16 vectors on disk for re-ranking), for 10M-100M images",
     )
-    p.add_argument("--hnsw-m", type=options.positive_int, default=32, help="HNSW links per node (default %(default)s)")
-    p.add_argument("--ef-construction", type=options.positive_int, default=80, help="HNSW build depth")
-    p.add_argument("--ef-search", type=options.positive_int, default=64, help="HNSW search depth")
-    p.add_argument("--nlist", type=options.positive_int, default=256, help="IVF lists (default %(default)s)")
-    p.add_argument("--nprobe", type=options.positive_int, default=16, help="IVF lists probed per query")
+    p.add_argument(
+        "--max-index-memory",
+        default=None,
+        metavar="SIZE",
+        help="RAM the index may use, e.g. 500M or 4G: picks HNSW if it fits, else ivfpq with the longest "
+        "codes that fit (autofaiss' rules); refused, naming the smallest that works, if nothing fits",
+    )
+    p.add_argument("--hnsw-m", type=options.positive_int, default=None, help="HNSW links per node (default 32)")
+    p.add_argument("--ef-construction", type=options.positive_int, default=None, help="HNSW build depth (80)")
+    p.add_argument("--ef-search", type=options.positive_int, default=None, help="HNSW search depth (64)")
+    p.add_argument("--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: ~4 sqrt(n))")
+    p.add_argument(
+        "--nprobe", type=options.positive_int, default=None, help="IVF lists probed per query (ivf 16; ivfpq 128)"
+    )
+    p.add_argument("--pq-m", type=options.positive_int, default=None, help="ivfpq: code bytes per vector (64)")
+    p.add_argument(
+        "--rerank", type=int, default=None, help="ivfpq: re-rank k x this many candidates exactly (8; 0: off)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where images are embedded: local (this process, default) or ray (a Ray cluster; "
+        "pip install -e '.[cluster]'; images and model on storage every node reads at the same path)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)"
+    )
+    p.add_argument("--actors", type=options.positive_int, default=None, help="Ray: model actors (default: CPUs / 2)")
     p.add_argument(
         "--tta",
         choices=("none", "flip"),

@@ -1,0 +1,184 @@
+"""Embedding on a Ray cluster: `imgsim index build --engine ray [--ray-address ADDR]`.
+
+The item list is cut into blocks of a Ray Dataset. Decoding runs in Ray tasks (any node,
+one CPU each); the model runs in a pool of actors, each loading it once, with TensorFlow's
+threads set to the CPUs Ray gave the actor. The driver collects the vectors (4 KB per image)
+into shard files under the output's hidden folder and the index is built from the shards,
+as the local engine builds it from memory. Ray retries the tasks of a worker that dies and
+restarts dead actors; the shards are then checked to hold every readable item exactly once.
+
+Ray is an optional extra (`pip install -e .[cluster]`); the local engine never imports it.
+Images (and the model) must be readable at the same path on every node: shared storage.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.data import Dataset, Item, SkipCounter
+from models.errors import ImgsimError
+
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a Ray address to answer before giving up
+BLOCK_ITEMS = 256  # items per block: small enough to spread over nodes, big enough for batches
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImgsimError("--engine ray needs Ray: pip install -e '.[cluster]' (or pip install 'ray[data]')") from None
+    return ray
+
+
+def connect(address: str | None, cpus: int | None = None) -> Any:
+    """Join the cluster at ``address`` (host:port, 'auto', or None: a local Ray on this machine).
+
+    An address that does not answer fails within CONNECT_TIMEOUT with a clear error; Ray's own
+    connection retries would keep the user waiting for a minute or more.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    if address and address not in ("auto", "local") and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=CONNECT_TIMEOUT).close()
+        except (OSError, ValueError) as exc:
+            raise ImgsimError(
+                f"no Ray cluster answers at {address} ({exc}); start one with `ray start --head`"
+            ) from None
+    try:
+        ray.init(address=address, num_cpus=cpus if not address else None, log_to_driver=False,
+                 include_dashboard=False, ignore_reinit_error=True)  # fmt: skip
+    except (ConnectionError, RuntimeError) as exc:
+        raise ImgsimError(f"cannot join the Ray cluster at {address or 'a new local instance'}: {exc}") from None
+    return ray
+
+
+def _decode_block(batch: dict[str, np.ndarray], reader: Any, size: int) -> dict[str, np.ndarray]:
+    """Ray task: read and decode a block of items; unreadable ones keep a zero image and a reason.
+
+    ``reader`` is the dataset's payload reader (a folder's root, an archive's member offsets):
+    small, so it travels with the task instead of every node listing the collection again.
+    """
+    from models.data import decoded_batches
+
+    items = [Item(str(k), int(lab), str(s)) for k, lab, s in zip(batch["key"], batch["label"], batch["split"])]
+    skipped = SkipCounter()
+    good: dict[str, np.ndarray] = {}
+    for got, images in decoded_batches(reader, items, size, len(items) or 1, skipped, workers=1):
+        good.update(zip((i.key for i in got), images))
+    reasons = {i.key: why for i, why in skipped.skipped}
+    blank = np.zeros((size, size, 3), np.uint8)
+    return {
+        **batch,
+        "image": np.stack([good.get(i.key, blank) for i in items]) if items else np.zeros((0, size, size, 3), np.uint8),
+        "reason": np.array([reasons.get(i.key, "") for i in items], dtype=object),
+    }
+
+
+class EmbedActor:
+    """Ray actor: the model, loaded once; TensorFlow limited to the actor's CPUs."""
+
+    def __init__(self, model: str, runtime: str, tta: str, cpus: int) -> None:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        import ray
+
+        from models.embedder import Embedder
+        from models.inference import load_trained
+
+        self.embedder = Embedder(load_trained(model), runtime=runtime)
+        self.tta = tta
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["reason"] == ""
+        n = len(batch["key"])
+        vectors = np.zeros((n, self.embedder.trained.manifest.embedding_dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.embedder.embed(batch["image"][ok], self.tta)[0]
+        out = {k: v for k, v in batch.items() if k != "image"}
+        return {**out, "vector": vectors, "node": np.array([self.node] * n, dtype=object)}
+
+
+def embed_on_ray(
+    model: str,
+    dataset: Dataset,
+    items: Sequence[Item],
+    input_size: int,
+    *,
+    shards: Path,
+    address: str | None = None,
+    runtime: str = "tf",
+    tta: str = "none",
+    actors: int | None = None,
+    cpus_per_actor: int = 1,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, int]]:
+    """(keys, vectors, skipped, items embedded per node) of ``items``, in the items' order."""
+    ray = connect(address)
+    actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // (cpus_per_actor + 1))
+    ds = ray.data.from_items(
+        [{"key": i.key, "label": i.label, "split": i.split} for i in items],
+        override_num_blocks=max(1, len(items) // BLOCK_ITEMS),
+    )
+    ds = ds.map_batches(_decode_block, fn_kwargs={"reader": dataset._reader, "size": input_size},
+                        batch_size=None, num_cpus=1)  # fmt: skip
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"model": model, "runtime": runtime, "tta": tta, "cpus": cpus_per_actor},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        batch_size=batch_size,
+        num_cpus=cpus_per_actor,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    return _collect(ds, items, shards)
+
+
+def _collect(ds: Any, items: Sequence[Item], shards: Path) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, int]]:
+    """Write the results as shards, then read them back checked: every item exactly once."""
+    shards.mkdir(parents=True, exist_ok=True)
+    for n, batch in enumerate(ds.iter_batches(batch_size=4096, batch_format="numpy")):
+        np.savez(shards / f"shard-{n:06d}.npz", **{k: np.asarray(v, dtype=str if v.dtype == object else None)
+                                                   for k, v in batch.items()})  # fmt: skip
+    keys: list[str] = []
+    vectors, reasons, nodes = [], [], []
+    for path in sorted(shards.glob("shard-*.npz")):
+        with np.load(path) as z:
+            keys += z["key"].tolist()
+            vectors.append(z["vector"])
+            reasons += z["reason"].tolist()
+            nodes += z["node"].tolist()
+    _check_exactly_once(keys, items)
+    by_key = {i.key: i for i in items}
+    skipped = SkipCounter()
+    order = {i.key: n for n, i in enumerate(items)}
+    rank = sorted(range(len(keys)), key=lambda j: order[keys[j]])
+    all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    kept = [j for j in rank if not reasons[j]]
+    for j in rank:
+        if reasons[j]:
+            skipped.add(by_key[keys[j]], reasons[j])
+    per_node: dict[str, int] = {}
+    for j in kept:
+        per_node[nodes[j]] = per_node.get(nodes[j], 0) + 1
+    return [keys[j] for j in kept], all_vectors[kept], skipped, per_node
+
+
+def _check_exactly_once(keys: list[str], items: Sequence[Item]) -> None:
+    wanted = {i.key for i in items}
+    seen = set(keys)
+    if len(keys) != len(seen) or seen != wanted:
+        extra, missing = len(keys) - len(seen), len(wanted - seen)
+        raise ImgsimError(
+            f"the Ray run returned {extra} items twice and lost {missing}: nothing was written; run again"
+        )
