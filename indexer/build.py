@@ -42,7 +42,7 @@ class BuildReport:
     notes: list[str] = field(default_factory=list)
     runtime: str = "tf"
     index_type: str = "flat"
-    nodes: dict[str, int] = field(default_factory=dict)  # Ray: images embedded per node id
+    nodes: dict[str, tuple[int, int]] = field(default_factory=dict)  # Ray: node id -> (decoded, embedded)
 
     @property
     def images_per_second(self) -> float:
@@ -183,7 +183,8 @@ class Engine:
 
     kind: str = "local"
     address: str | None = None  # Ray: host:port, "auto", or None for a local Ray instance
-    actors: int | None = None  # Ray: model actors (default: the cluster's CPUs / 2)
+    actors: int | None = None  # Ray: model actors (default: the cluster's CPUs / (cpus_per_actor + 1))
+    cpus_per_actor: float = 1.0  # Ray: CPUs each model actor reserves (and TensorFlow threads)
 
 
 def _choose_index(
@@ -210,8 +211,8 @@ def _embed_on_ray(
     tta: str,
     settings: Settings,
     progress: bool,
-) -> tuple[Embedded, str, dict[str, int]]:
-    """Embeddings from a Ray cluster, and how many images each node embedded."""
+) -> tuple[Embedded, str, dict[str, tuple[int, int]]]:
+    """Embeddings from a Ray cluster, and how many images each node decoded and embedded."""
     from indexer.ray_engine import embed_on_ray
 
     runtime = "tf" if settings.runtime == "auto" else settings.runtime  # each actor's CPU may differ: no auto
@@ -219,7 +220,7 @@ def _embed_on_ray(
     try:
         keys, vectors, skipped, per_node = embed_on_ray(
             str(trained.path), dataset, items, trained.manifest.input_size, shards=shards, address=engine.address,
-            runtime=runtime, tta=tta, actors=engine.actors, batch_size=batch_size, progress=progress,
+            runtime=runtime, tta=tta, actors=engine.actors, cpus_per_actor=engine.cpus_per_actor, batch_size=batch_size, progress=progress,
         )  # fmt: skip
     finally:
         shutil.rmtree(shards, ignore_errors=True)

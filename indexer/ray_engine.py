@@ -13,6 +13,7 @@ Images (and the model) must be readable at the same path on every node: shared s
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,9 @@ from models.data import Dataset, Item, SkipCounter
 from models.errors import ImgsimError
 
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a Ray address to answer before giving up
+ACTOR_START_TIMEOUT = 600  # seconds for the pool's actors to load the model
 BLOCK_ITEMS = 256  # items per block: small enough to spread over nodes, big enough for batches
+DECODE_CPUS = 0.5  # a decoding task's share of a CPU: decoding is lighter than the model
 
 
 def import_ray() -> Any:
@@ -66,7 +69,9 @@ def _decode_block(batch: dict[str, np.ndarray], reader: Any, size: int) -> dict[
     ``reader`` is the dataset's payload reader (a folder's root, an archive's member offsets):
     small, so it travels with the task instead of every node listing the collection again.
     """
-    from models.data import decoded_batches
+    import ray
+
+    from models.embed import decoded_batches
 
     items = [Item(str(k), int(lab), str(s)) for k, lab, s in zip(batch["key"], batch["label"], batch["split"])]
     skipped = SkipCounter()
@@ -79,16 +84,17 @@ def _decode_block(batch: dict[str, np.ndarray], reader: Any, size: int) -> dict[
         **batch,
         "image": np.stack([good.get(i.key, blank) for i in items]) if items else np.zeros((0, size, size, 3), np.uint8),
         "reason": np.array([reasons.get(i.key, "") for i in items], dtype=object),
+        "decoded_on": np.array([ray.get_runtime_context().get_node_id()] * len(items), dtype=object),
     }
 
 
 class EmbedActor:
     """Ray actor: the model, loaded once; TensorFlow limited to the actor's CPUs."""
 
-    def __init__(self, model: str, runtime: str, tta: str, cpus: int) -> None:
+    def __init__(self, model: str, runtime: str, tta: str, cpus: float) -> None:
         import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, round(cpus)))
         tf.config.threading.set_inter_op_parallelism_threads(1)
         import ray
 
@@ -120,58 +126,92 @@ def embed_on_ray(
     runtime: str = "tf",
     tta: str = "none",
     actors: int | None = None,
-    cpus_per_actor: int = 1,
+    cpus_per_actor: float = 1.0,
     batch_size: int = 32,
     progress: bool = True,
-) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, int]]:
-    """(keys, vectors, skipped, items embedded per node) of ``items``, in the items' order."""
+    actor_class: type = EmbedActor,
+) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, tuple[int, int]]]:
+    """(keys, vectors, skipped, per node id: images decoded and embedded there) of ``items``,
+    in the items' order.
+
+    Leaves Ray disconnected, so that one process can run several builds on several clusters.
+    """
     ray = connect(address)
-    actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // (cpus_per_actor + 1))
+    try:
+        return _run(ray, model, dataset, items, input_size, shards, runtime, tta, actors, cpus_per_actor, batch_size,
+                    progress, actor_class)  # fmt: skip
+    finally:
+        ray.shutdown()
+
+
+def _run(
+    ray: Any,
+    model: str,
+    dataset: Dataset,
+    items: Sequence[Item],
+    input_size: int,
+    shards: Path,
+    runtime: str,
+    tta: str,
+    actors: int | None,
+    cpus_per_actor: float,
+    batch_size: int,
+    progress: bool,
+    actor_class: type,
+) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, tuple[int, int]]]:
+    actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // (cpus_per_actor + 1)))
+    # A dataset keeps a copy of the context current when it is made: set it first.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT  # every model loaded before work is handed out
+    if not progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_items(
         [{"key": i.key, "label": i.label, "split": i.split} for i in items],
-        override_num_blocks=max(1, len(items) // BLOCK_ITEMS),
+        override_num_blocks=max(1, min(len(items), 4 * actors), len(items) // BLOCK_ITEMS),  # work for every actor
     )
     ds = ds.map_batches(_decode_block, fn_kwargs={"reader": dataset._reader, "size": input_size},
-                        batch_size=None, num_cpus=1)  # fmt: skip
+                        batch_size=None, num_cpus=DECODE_CPUS)  # fmt: skip
     ds = ds.map_batches(
-        EmbedActor,
+        actor_class,
         fn_constructor_kwargs={"model": model, "runtime": runtime, "tta": tta, "cpus": cpus_per_actor},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         num_cpus=cpus_per_actor,
+        scheduling_strategy="SPREAD",  # one model per node before two on one
     )
-    ray.data.DataContext.get_current().enable_progress_bars = progress
     return _collect(ds, items, shards)
 
 
-def _collect(ds: Any, items: Sequence[Item], shards: Path) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, int]]:
+def _collect(ds: Any, items: Sequence[Item], shards: Path) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, tuple[int, int]]]:
     """Write the results as shards, then read them back checked: every item exactly once."""
     shards.mkdir(parents=True, exist_ok=True)
     for n, batch in enumerate(ds.iter_batches(batch_size=4096, batch_format="numpy")):
         np.savez(shards / f"shard-{n:06d}.npz", **{k: np.asarray(v, dtype=str if v.dtype == object else None)
                                                    for k, v in batch.items()})  # fmt: skip
     keys: list[str] = []
-    vectors, reasons, nodes = [], [], []
+    vectors, reasons, decoded_on, embedded_on = [], [], [], []
     for path in sorted(shards.glob("shard-*.npz")):
         with np.load(path) as z:
             keys += z["key"].tolist()
             vectors.append(z["vector"])
             reasons += z["reason"].tolist()
-            nodes += z["node"].tolist()
+            decoded_on += z["decoded_on"].tolist()
+            embedded_on += z["node"].tolist()
     _check_exactly_once(keys, items)
     by_key = {i.key: i for i in items}
-    skipped = SkipCounter()
     order = {i.key: n for n, i in enumerate(items)}
     rank = sorted(range(len(keys)), key=lambda j: order[keys[j]])
-    all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
     kept = [j for j in rank if not reasons[j]]
+    skipped = SkipCounter()
     for j in rank:
         if reasons[j]:
             skipped.add(by_key[keys[j]], reasons[j])
-    per_node: dict[str, int] = {}
-    for j in kept:
-        per_node[nodes[j]] = per_node.get(nodes[j], 0) + 1
-    return [keys[j] for j in kept], all_vectors[kept], skipped, per_node
+    work: dict[str, tuple[int, int]] = {}
+    for node in set(decoded_on) | set(embedded_on):
+        work[node] = (decoded_on.count(node), sum(embedded_on[j] == node for j in kept))
+    all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    return [keys[j] for j in kept], all_vectors[kept], skipped, work
 
 
 def _check_exactly_once(keys: list[str], items: Sequence[Item]) -> None:

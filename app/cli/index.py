@@ -54,8 +54,8 @@ def build(args: argparse.Namespace) -> int:
     )
     for note in report.notes:
         print(f"  flip TTA, {note}")
-    for node, n in sorted(report.nodes.items()):
-        print(f"  Ray node {node[:12]}: {n} images")
+    for node, (decoded, embedded) in sorted(report.nodes.items()):
+        print(f"  Ray node {node[:12]}: decoded {decoded} images, embedded {embedded}")
     return 0
 
 
