@@ -20,7 +20,7 @@ from app.imaging import decode_pool
 from app.memory import RequestCounter, release_free_memory, trim_when_idle, use_large_image_blocks
 from app.middleware import ObserveMiddleware
 from app.observability import Metrics
-from app.registry import ModelRegistry, detect_device
+from app.registry import Cluster, ModelRegistry, detect_device
 from app.routers import health, images, models, search
 from models.errors import Busy, ImgsimError, NotReady
 from models.manifests import package_version
@@ -35,6 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load every model and index once, before the first request; stop batchers at the end."""
     settings: ServiceSettings = app.state.settings
     registry = ModelRegistry(settings)
+    registry.cluster = app.state.cluster
     registry.device = detect_device()
     log.info("inference device: %s", registry.device)
     if not settings.models:
@@ -63,7 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, cluster: Cluster | None = None) -> FastAPI:
+    """The service; ``cluster``: the shared writer and active model when it is one of several replicas."""
     app = FastAPI(
         title="imgsim",
         version=package_version(),
@@ -71,6 +73,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings = settings or get_service_settings()
+    app.state.cluster = cluster
     openapi.install(app, settings.max_k, settings.max_batch_size)
     app.state.metrics = Metrics()
     app.state.requests = RequestCounter()

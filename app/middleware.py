@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 
 from fastapi import HTTPException
@@ -17,6 +19,10 @@ from app.observability import Metrics
 log = logging.getLogger("imgsim.app")
 CLOSE = {"Connection": "close"}  # the rest of the body is never read: the connection cannot be reused
 CLIENT_GONE = 499  # nginx's code for "the client closed the request": in the metrics, never sent
+
+
+# Which process answered: behind a load balancer or Ray Serve's proxy, which replica it was.
+PROCESS_HEADER = (b"x-imgsim-process", f"{socket.gethostname()}:{os.getpid()}".encode())
 
 
 class BodyGuard:
@@ -81,6 +87,7 @@ class ObserveMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), PROCESS_HEADER]
             await send(message)
 
         body = BodyGuard(receive, self.limit, self.too_large, self.body_seconds)

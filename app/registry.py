@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from app.batching import MicroBatcher
 from app.config import ModelPair, ServiceSettings
 from indexer.store import IndexStore
+from indexer.update import Changes, NewItem, apply_changes
 from indexer.versions import current_version
 from models.embedder import Embedder
 from models.errors import BadInput, NotFound, NotReady
@@ -66,6 +69,20 @@ class LoadedModel:
         return True
 
 
+class Cluster(Protocol):
+    """Where the replicas of one service meet (Ray Serve: :class:`app.ray_serve.RayCluster`):
+    one writer for every change of an index, one active model for all."""
+
+    def write(self, index_dir: Path, add: Sequence[NewItem], remove: Sequence[int], lock_timeout: float) -> Changes: ...
+
+    def active(self) -> str | None: ...
+
+    def set_active(self, name: str) -> None: ...
+
+
+ACTIVE_POLL_SECONDS = 0.5  # replicas: how often the shared active model is read
+
+
 def _set_faiss_threads(n: int) -> None:
     """OpenMP's thread count is per calling thread: set it in the thread that searches.
 
@@ -107,7 +124,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self.device = "unknown"
         self._watcher: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self.on_batch = None  # set by the app: (model name, batch size, seconds) -> None
+        self.cluster: Cluster | None = None  # set by the app when it runs as one of several replicas
 
     def load(self, pair: ModelPair) -> LoadedModel:
         trained = load_trained(pair.model)
@@ -170,12 +189,36 @@ class ModelRegistry:
 
     def set_active(self, name: str) -> None:
         self._active = self.get(name).name
+        if self.cluster is not None:
+            self.cluster.set_active(self._active)
+
+    def write(self, index_dir: Path, add: Sequence[NewItem], remove: Sequence[int], lock_timeout: float) -> Changes:
+        """Change an index: here, or through the cluster's one writer (blocking: run in a thread)."""
+        if self.cluster is not None:
+            return self.cluster.write(index_dir, add, remove, lock_timeout)
+        return apply_changes(index_dir, add, remove, lock_timeout)
 
     def start(self) -> None:
         for m in self.models.values():
             m.batcher.start()
+        loop = asyncio.get_running_loop()
         if self.settings.reload_seconds > 0:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            self._watcher = loop.create_task(self._watch())
+        if self.cluster is not None:
+            self._follower = loop.create_task(self._follow_active())
+
+    async def _follow_active(self) -> None:
+        """Replicas: adopt the active model another replica switched to."""
+        while True:
+            try:
+                name = await asyncio.to_thread(self.cluster.active)  # type: ignore[union-attr]
+                if name is None and self._active is not None:
+                    await asyncio.to_thread(self.cluster.set_active, self._active)  # type: ignore[union-attr]
+                elif name in self.models:
+                    self._active = name
+            except Exception as exc:  # noqa: BLE001 - keep serving with the active model we have
+                log.warning("cannot read the shared active model: %s", exc)
+            await asyncio.sleep(ACTIVE_POLL_SECONDS)
 
     async def reload(self) -> dict[str, str]:
         """Swap in every index's current version; model name -> the version now served."""
@@ -193,8 +236,9 @@ class ModelRegistry:
                 log.warning("index reload failed, still serving the loaded version: %s", exc)
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._follower):
+            if task is not None:
+                task.cancel()
         for m in self.models.values():
             await m.batcher.stop()
             m.store.close()

@@ -12,6 +12,7 @@ os.environ.setdefault("IMGSIM_RUNTIME", "tf")
 
 import pytest
 
+from tests.ray_cluster import ray_cluster  # noqa: F401 - the session's Ray cluster, for the Ray tests
 from tests.test_train import make_colour_dataset
 
 SERVICE_IMAGE_SIZE = 40  # dataset images are 40x40, so ?size=16 really shrinks them

@@ -8,13 +8,7 @@ not installed (`pip install -e .[cluster]`).
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -28,40 +22,8 @@ from indexer.store import IndexStore  # noqa: E402
 from models.errors import ImgsimError  # noqa: E402
 from models.settings import Settings, get_settings  # noqa: E402
 from models.train import TrainOptions, train  # noqa: E402
+from tests.ray_cluster import free_port  # noqa: E402
 from tests.test_train import make_colour_dataset  # noqa: E402
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ray(*args: str, timeout: float = 120) -> None:
-    subprocess.run([RAY, *args], check=True, capture_output=True, timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """The address of a head node plus one worker node, 2 logical CPUs each; stopped afterwards.
-
-    Model actors take 1.5 CPUs in these tests, so each node holds exactly one of them (and
-    decoding tasks the rest): both nodes must embed.
-    """
-    if not Path(RAY).exists():
-        pytest.skip(f"the ray command is not installed beside {sys.executable}")
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="/tmp/rayt")  # short: Ray's socket paths must fit in 107 bytes
-    address = f"127.0.0.1:{port}"
-    try:
-        _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}")
-        _ray("start", f"--address={address}", "--num-cpus=2")
-        yield address
-    finally:
-        _ray("stop", "--force", timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +45,11 @@ def _vectors(index_dir: Path) -> dict[str, np.ndarray]:
     return dict(zip(keys, vectors))
 
 
-def test_ray_build_matches_the_local_engine_and_uses_both_nodes(cluster: str, tiny: tuple, tmp_path: Path) -> None:
+def test_ray_build_matches_the_local_engine_and_uses_both_nodes(ray_cluster: str, tiny: tuple, tmp_path: Path) -> None:
     model, data, settings = tiny
     local = build_index(model, str(data), tmp_path / "local", settings=settings, use_cache=False, progress=False)
     report = build_index(model, str(data), tmp_path / "ray", settings=settings, progress=False, batch_size=4,
-                         engine=Engine("ray", cluster, actors=2, cpus_per_actor=1.5))  # fmt: skip
+                         engine=Engine("ray", ray_cluster, actors=2, cpus_per_actor=1.5))  # fmt: skip
     assert report.count == local.count == 60  # train + val of 3 classes x 20
     assert len(report.nodes) == 2, report.nodes  # node id -> (images decoded, images embedded) there
     assert all(decoded > 0 and embedded > 0 for decoded, embedded in report.nodes.values()), report.nodes
@@ -98,7 +60,7 @@ def test_ray_build_matches_the_local_engine_and_uses_both_nodes(cluster: str, ti
     assert not list((tmp_path / ".ray.imgsim").glob("shards-*"))  # the shards are cleaned up
 
 
-def test_a_killed_actor_is_retried_and_every_image_counted_once(cluster: str, tiny: tuple, tmp_path: Path) -> None:
+def test_a_killed_actor_is_retried_and_every_image_counted_once(ray_cluster: str, tiny: tuple, tmp_path: Path) -> None:
     from indexer.ray_engine import EmbedActor, embed_on_ray
     from models.data import open_dataset
 
@@ -117,7 +79,7 @@ def test_a_killed_actor_is_retried_and_every_image_counted_once(cluster: str, ti
     dataset = open_dataset(str(data))
     items = dataset.select(["train", "val"])
     keys, vectors, skipped, nodes = embed_on_ray(str(model), dataset, items, 16, shards=tmp_path / "shards",
-                                                 address=cluster, actors=2, cpus_per_actor=1.5, progress=False,
+                                                 address=ray_cluster, actors=2, cpus_per_actor=1.5, progress=False,
                                                  actor_class=DiesOnce)  # fmt: skip
     assert marker.exists()  # an actor really died
     assert sorted(keys) == sorted(i.key for i in items) and len(vectors) == len(items) and skipped.total == 0
@@ -128,6 +90,6 @@ def test_an_address_that_does_not_answer_fails_fast_and_writes_nothing(tiny: tup
     start = time.monotonic()
     with pytest.raises(ImgsimError, match=r"no Ray cluster answers at 127\.0\.0\.1:\d+"):
         build_index(model, str(data), tmp_path / "idx", settings=settings, progress=False,
-                    engine=Engine("ray", f"127.0.0.1:{_free_port()}"))  # fmt: skip
+                    engine=Engine("ray", f"127.0.0.1:{free_port()}"))  # fmt: skip
     assert time.monotonic() - start < 10
     assert not (tmp_path / "idx").exists() and not (tmp_path / ".idx.imgsim").exists()

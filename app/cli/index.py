@@ -31,7 +31,7 @@ def build(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         params=_params(args),
         max_index_memory=parse_bytes(args.max_index_memory) if args.max_index_memory else None,
-        engine=Engine(args.engine, args.ray_address, args.actors),
+        engine=Engine(args.engine, args.ray_address, args.actors, args.cpus_per_actor),
         val_fraction=args.val_fraction,
         seed=args.seed,
         max_per_class=args.max_per_class,
@@ -125,14 +125,27 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hnsw-m", type=options.positive_int, default=None, help="HNSW links per node (default 32)")
     p.add_argument("--ef-construction", type=options.positive_int, default=None, help="HNSW build depth (80)")
     p.add_argument("--ef-search", type=options.positive_int, default=None, help="HNSW search depth (64)")
-    p.add_argument("--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: ~4 sqrt(n))")
+    p.add_argument("--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: about sqrt(n))")
     p.add_argument(
         "--nprobe", type=options.positive_int, default=None, help="IVF lists probed per query (ivf 16; ivfpq 128)"
     )
     p.add_argument("--pq-m", type=options.positive_int, default=None, help="ivfpq: code bytes per vector (64)")
     p.add_argument(
-        "--rerank", type=int, default=None, help="ivfpq: re-rank k x this many candidates exactly (8; 0: off)"
+        "--rerank", type=int, default=None, help="ivfpq: re-rank k x this many candidates exactly (10; 0: off)"
     )
+    _engine_options(p)
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="test-time augmentation: 'flip' embeds each image plus its mirror image (about +1 point of "
+        "precision@5 on CIFAR-10; every query then costs two forward passes). Default %(default)s",
+    )
+    p.set_defaults(func=build)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """Where a build embeds its images: here, or on a Ray cluster."""
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -143,15 +156,12 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)"
     )
-    p.add_argument("--actors", type=options.positive_int, default=None, help="Ray: model actors (default: CPUs / 2)")
     p.add_argument(
-        "--tta",
-        choices=("none", "flip"),
-        default="none",
-        help="test-time augmentation: 'flip' embeds each image plus its mirror image (about +1 point of "
-        "precision@5 on CIFAR-10; every query then costs two forward passes). Default %(default)s",
+        "--actors", type=options.positive_int, default=None, help="Ray: model actors (default: CPUs / (cpus per actor + 1))"
     )
-    p.set_defaults(func=build)
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="Ray: CPUs each model actor reserves (default %(default)s)"
+    )
 
 
 def _register_add(sub: argparse._SubParsersAction, name: str, **kwargs: object) -> None:

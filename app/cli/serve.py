@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
         raise ImgsimError("no models configured: pass --model DIR --index DIR, or set IMGSIM_MODELS")
     check_model_pairs(settings.models)
     url = f"http://{settings.host}:{settings.port}"
+    if args.engine == "ray":
+        from app.ray_serve import parse_autoscale, serve_on_ray
+
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+        print(f"imgsim: Ray Serve, {args.autoscale or args.replicas} replica(s); API docs {url}/docs", file=sys.stderr)
+        serve_on_ray(settings, args.ray_address, args.replicas, autoscale, args.cpus_per_replica)
+        return 0
     print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
     uvicorn.run(
         create_app(settings),
@@ -82,4 +89,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="bind address (default IMGSIM_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default IMGSIM_PORT or 8000)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one process (uvicorn, default); ray: replicas behind Ray Serve's proxy, one index writer, "
+        "a shared active model (pip install -e '.[cluster]'; indexes on storage every node reads)",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)")
+    p.add_argument("--replicas", type=options.positive_int, default=1, help="Ray: replicas (default %(default)s)")
+    p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray: scale replicas on load instead")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray: CPUs each replica reserves (1.0)")
     p.set_defaults(func=run)

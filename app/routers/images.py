@@ -20,7 +20,7 @@ from app.schemas import AddResponse, DeleteResponse, EmbeddingResponse, ItemInfo
 from app.uploads import ImageFiles, ModelName, run_images
 from indexer.images import item_image_bytes
 from indexer.query import search
-from indexer.update import NewItem, apply_changes
+from indexer.update import NewItem
 from models.errors import BadInput, Gone, NotFound
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -176,7 +176,7 @@ async def add_images(
         sha = hashlib.sha256(data).hexdigest()
         items.append(NewItem(f.filename or "upload", "upload", sha, r.embedding, label_id, label, image=data,
                              meta=_meta(meta)))  # fmt: skip
-    changes = await run_in_threadpool(apply_changes, loaded.index_dir, items, (), WRITE_LOCK_SECONDS)
+    changes = await run_in_threadpool(registry.write, loaded.index_dir, items, (), WRITE_LOCK_SECONDS)
     await run_in_threadpool(loaded.reload_if_changed)
     ids = iter(changes.added)
     out = [changes.duplicates[i.sha256] if i.sha256 in changes.duplicates else next(ids) for i in items]
@@ -194,6 +194,6 @@ async def delete_item(
     request: Request, registry: Registry, item_id: ItemId, model: ModelQuery = None
 ) -> DeleteResponse:
     loaded = _model(request, registry, model)
-    changes = await run_in_threadpool(apply_changes, loaded.index_dir, (), [item_id], WRITE_LOCK_SECONDS)
+    changes = await run_in_threadpool(registry.write, loaded.index_dir, (), [item_id], WRITE_LOCK_SECONDS)
     await run_in_threadpool(loaded.reload_if_changed)
     return DeleteResponse(model=loaded.name, removed=item_id, count=changes.count)
