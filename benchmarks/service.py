@@ -68,12 +68,14 @@ def free_port(start: int = 8090) -> int:
 class Service:
     """``imgsim serve`` in a subprocess; a context manager that always stops it."""
 
-    def __init__(self, model: Path, index: Path, env: dict[str, str], log_path: Path, timeout: float) -> None:
+    def __init__(
+        self, model: Path, index: Path, env: dict[str, str], log_path: Path, timeout: float, extra: tuple = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         exe = Path(sys.executable).parent / "imgsim"
         self.command = [str(exe), "serve", "--model", str(model), "--index", str(index), "--host", HOST,
-                        "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+                        "--port", str(self.port), "--log-level", "warning", *extra]  # fmt: skip
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env}
         self.log_path, self.timeout = log_path, timeout
         self.proc: subprocess.Popen[bytes] | None = None

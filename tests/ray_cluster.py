@@ -32,6 +32,14 @@ def _ray(*args: str, timeout: float = 120) -> None:
     subprocess.run([RAY, *args], check=True, capture_output=True, timeout=timeout, env=env)
 
 
+_ADDRESS: list[str] = []
+
+
+def rejoin_worker() -> None:
+    """Start the second node again (after a test killed it)."""
+    _ray("start", f"--address={_ADDRESS[0]}", "--num-cpus=2")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """The address of a head node plus one worker node, 2 logical CPUs each.
@@ -45,6 +53,7 @@ def ray_cluster() -> Iterator[str]:
     port = free_port()
     temp = tempfile.mkdtemp(prefix="/tmp/rayt")  # short: Ray's socket paths must fit in 107 bytes
     address = f"127.0.0.1:{port}"
+    _ADDRESS[:] = [address]
     try:
         _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}")
         _ray("start", f"--address={address}", "--num-cpus=2")

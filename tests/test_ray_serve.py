@@ -156,5 +156,48 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(served: str) 
     for w in workers:
         w.join()
     failed = sum(n for code, n in codes.items() if code != 200)
+    print(f"replica killed under load: {dict(codes)}")  # pytest -s shows the counts
     assert failed <= len(workers), codes  # at most the requests inside the killed process at that moment
     assert sum(codes.values()) > before  # and the service kept answering meanwhile
+
+
+def test_a_lost_worker_node_costs_only_the_requests_inside_it(served: str) -> None:
+    """The second node's raylet killed (as a machine lost): its replica is restarted on the
+    head; afterwards the worker node joins again, for the tests that follow."""
+    import psutil
+
+    from tests.ray_cluster import rejoin_worker
+
+    raylets = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"]
+    worker_node = [p for p in raylets if "sockets/raylet." in " ".join(p.cmdline())]
+    assert len(raylets) == 2 and len(worker_node) == 1
+    codes: Counter = Counter()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    codes[client.get(f"{served}/v1/models").status_code] += 1
+                except httpx.HTTPError:
+                    codes["error"] += 1
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(2)
+    worker_node[0].kill()
+    try:
+        time.sleep(3)
+        _until(lambda: len(_answering(served, 10)) == 2, 180)  # two replicas again, both on the head
+        answered = sum(codes.values())
+        time.sleep(2)
+        assert sum(codes.values()) > answered
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        rejoin_worker()
+    failed = sum(n for code, n in codes.items() if code != 200)
+    print(f"worker node killed under load: {dict(codes)}")
+    assert failed <= len(workers), codes
