@@ -131,8 +131,8 @@ def serve_on_ray(
     try:
         serve.run(deployment.bind(), name=DEPLOYMENT, route_prefix="/", blocking=blocking)
     finally:
-        if blocking:  # Ctrl-C or SIGTERM: take the deployment and its actors down with us
-            serve.delete(DEPLOYMENT)
+        if blocking:  # Ctrl-C or SIGTERM: take Serve (its proxy holds the port) and our actors down with us
+            serve.shutdown()
             for actor in actors:
                 ray.kill(actor)
 

@@ -24,10 +24,12 @@ from models.errors import BadInput
 
 PQ_BYTES = (256, 128, 64, 32, 16, 8)  # code bytes per vector, best first; each divides the usual dims
 PQ_DEFAULT = 64  # an ivfpq index without a budget
-NPROBE = 128  # lists probed per query
-RERANK = 10  # candidates per result re-ranked by their exact vectors
+NPROBE = 64  # lists probed per query
+RERANK = 40  # candidates per result re-ranked by their exact vectors (docs/large_index.md)
 ID_BYTES = 8  # an IVF list stores each vector's 64-bit id beside its code
 HNSW_M = 32
+FLAT_BELOW = 1_000  # vectors: an exact search is as fast as any index (autofaiss' flat_threshold)
+QUANTIZE_FROM = 10_000  # vectors: fewer do not train a quantizer well (autofaiss' quantization_threshold)
 HNSW_QUANTIZER_FROM = 1_000  # lists: from here the list centroids are searched with a small HNSW graph
 
 
@@ -74,24 +76,35 @@ def hnsw_ram(n: int, dim: int) -> int:
 def plan(n: int, dim: int, budget: int, index_type: str | None = None) -> Plan:
     """The best index for n vectors of dim within ``budget`` bytes of RAM.
 
-    ``index_type`` None: HNSW if it fits, else IVF-PQ; "ivfpq": the longest codes that fit.
-    A budget nothing fits in is refused, naming the smallest one that works.
+    ``index_type`` None: flat under a thousand vectors, else HNSW if it fits, else IVF-PQ
+    (from ten thousand vectors: fewer do not train a quantizer well); "ivfpq": the longest
+    codes that fit. A budget nothing fits in is refused, naming the smallest one that works.
     """
-    if index_type in (None, "hnsw") and (need := hnsw_ram(n, dim)) <= budget:
-        return Plan("hnsw", {"hnsw_m": HNSW_M, "ef_construction": 80, "ef_search": 64}, need)
-    if index_type not in (None, "ivfpq"):
-        raise BadInput(f"--max-index-memory plans hnsw or ivfpq indexes, not {index_type}")
-    for pq in PQ_BYTES:
-        if dim % pq:
-            continue
-        params = ivfpq_params(n, dim, pq)
-        if (need := ivfpq_ram(n, dim, params)) <= budget:
-            return Plan("ivfpq", params, need)
-    smallest = min(ivfpq_ram(n, dim, ivfpq_params(n, dim, pq)) for pq in PQ_BYTES if dim % pq == 0)
+    options = _options(n, dim, index_type)
+    for option in options:
+        if option.ram_bytes <= budget:
+            return option
+    smallest = min(o.ram_bytes for o in options)
     raise BadInput(
         f"no index of {n:,} vectors of {dim} dimensions fits in {_human(budget)} of RAM; "
         f"the smallest budget that works is {_human(smallest)} (--max-index-memory {math.ceil(smallest / 1e6)}M)"
     )
+
+
+def _options(n: int, dim: int, index_type: str | None) -> list[Plan]:
+    """Candidate indexes, best first."""
+    if index_type not in (None, "hnsw", "ivfpq"):
+        raise BadInput(f"--max-index-memory plans hnsw or ivfpq indexes, not {index_type}")
+    if index_type is None and n < FLAT_BELOW:
+        return [Plan("flat", {}, n * (dim * 4 + ID_BYTES))]
+    options = []
+    if index_type in (None, "hnsw"):
+        options.append(Plan("hnsw", {"hnsw_m": HNSW_M, "ef_construction": 80, "ef_search": 64}, hnsw_ram(n, dim)))
+    if index_type == "ivfpq" or (index_type is None and n >= QUANTIZE_FROM):
+        for pq in (b for b in PQ_BYTES if dim % b == 0):
+            params = ivfpq_params(n, dim, pq)
+            options.append(Plan("ivfpq", params, ivfpq_ram(n, dim, params)))
+    return options
 
 
 def _human(n: int) -> str:

@@ -127,11 +127,11 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ef-search", type=options.positive_int, default=None, help="HNSW search depth (64)")
     p.add_argument("--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: about sqrt(n))")
     p.add_argument(
-        "--nprobe", type=options.positive_int, default=None, help="IVF lists probed per query (ivf 16; ivfpq 128)"
+        "--nprobe", type=options.positive_int, default=None, help="IVF lists probed per query (ivf 16; ivfpq 64)"
     )
     p.add_argument("--pq-m", type=options.positive_int, default=None, help="ivfpq: code bytes per vector (64)")
     p.add_argument(
-        "--rerank", type=int, default=None, help="ivfpq: re-rank k x this many candidates exactly (10; 0: off)"
+        "--rerank", type=int, default=None, help="ivfpq: re-rank k x this many candidates exactly (40; 0: off)"
     )
     _engine_options(p)
     p.add_argument(
