@@ -88,7 +88,10 @@ def test_huge_headers_get_431_without_stalling_others(server: tuple[str, int]) -
     sender = threading.Thread(target=lambda: done.append(_send_ignoring_reset(server, big)))
     sender.start()
     time.sleep(0.05)
-    assert healthz_ms(server) < 100  # the event loop is not busy with the big header
+    # The event loop is not busy with the big header. The best of three: one call can lose
+    # the GIL to the sending thread (same process), a busy loop would make all three slow.
+    times = [healthz_ms(server) for _ in range(3)]
+    assert min(times) < 100, times
     sender.join(30)
     status, detail = status_and_detail(done[0])
     assert status == 431 and "16384 bytes" in detail
