@@ -12,6 +12,11 @@ Two named Ray actors make the replicas one service (:class:`app.registry.Cluster
   (the registry follows its indexes every ``reload_seconds``, and at once after its own write);
 * the **state**: the active model; a switch on one replica reaches the others within
   ``ACTIVE_POLL_SECONDS``.
+
+Deploying again under the same name (``--detach``) is Ray Serve's rolling update: with
+``max_surge_percent=100`` each new replica starts, loads its models and passes its health
+check before an old one stops, and old replicas finish the requests they hold: a model
+upgrade without downtime.
 """
 
 from __future__ import annotations
@@ -93,9 +98,15 @@ def serve_on_ray(
     replicas: int = 1,
     autoscale: tuple[int, int] | None = None,
     cpus_per_replica: float = 1.0,
-    blocking: bool = True,
+    detach: bool = False,
 ) -> None:
-    """Start (or update) the deployment on the cluster at ``address`` and serve until stopped."""
+    """Start or update the deployment on the cluster at ``address``.
+
+    ``detach``: return once every replica runs the new version (the deployment stays up);
+    otherwise serve until Ctrl-C or SIGTERM, then take the deployment down.
+    """
+    if detach and address is None:
+        raise ImgsimError("--detach needs a cluster that outlives this command: pass --ray-address HOST:PORT or auto")
     connect(address)
     import ray
     from ray import serve
@@ -124,17 +135,34 @@ def serve_on_ray(
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=settings.max_queue,
         health_check_period_s=2,
+        max_surge_percent=100,  # an update starts the new replicas before it stops old ones
         **scaling,
     )
     serve.start(http_options={"host": settings.host, "port": settings.port})
     log.info("imgsim on Ray Serve: %s at http://%s:%s/", scaling, settings.host, settings.port)
     try:
-        serve.run(deployment.bind(), name=DEPLOYMENT, route_prefix="/", blocking=blocking)
+        serve.run(deployment.bind(), name=DEPLOYMENT, route_prefix="/", blocking=not detach)
     finally:
-        if blocking:  # Ctrl-C or SIGTERM: take Serve (its proxy holds the port) and our actors down with us
-            serve.shutdown()
-            for actor in actors:
-                ray.kill(actor)
+        if not detach:  # Ctrl-C or SIGTERM: take Serve (its proxy holds the port) and our actors down with us
+            shutdown_ray_serve(None)
+
+
+def shutdown_ray_serve(address: str | None) -> bool:
+    """Take the deployment, Ray Serve and the writer and state actors down; False if none ran."""
+    if address is not None:
+        connect(address)
+    import ray
+    from ray import serve
+
+    found = False
+    for name in (WRITER, STATE):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+            found = True
+        except ValueError:  # no such actor
+            pass
+    serve.shutdown()
+    return found
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

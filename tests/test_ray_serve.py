@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,27 @@ pytest.importorskip("ray.serve", reason="Ray Serve is part of the optional extra
 START_SECONDS = 240
 
 
+@dataclass
+class Served:
+    url: str
+    port: int
+    pairs: list[list[str]]  # per model: ["--model", M, "--index", I]
+
+
 @pytest.fixture(scope="module")
-def served(ray_cluster: str, service_pairs: list[Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of models a and b (copies of their indexes) served by 2 replicas on the cluster."""
+def served_at(ray_cluster: str, service_pairs: list[Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Models a and b (copies of their indexes) served by 2 replicas on the cluster."""
     root = tmp_path_factory.mktemp("serve")
-    args = []
+    pairs = []
     for pair in service_pairs:
         index = root / pair.index.name
         shutil.copytree(pair.index.parent / f".{pair.index.name}.imgsim", root / f".{index.name}.imgsim", symlinks=True)
         index.symlink_to(Path(f".{index.name}.imgsim") / pair.index.resolve().name)
-        args += ["--model", str(pair.model), "--index", str(index)]
+        pairs.append(["--model", str(pair.model), "--index", str(index)])
     port = free_port()
     env = {**os.environ, "IMGSIM_RUNTIME": "tf", "IMGSIM_RELOAD_SECONDS": "1"}
     cmd = [sys.executable, "-m", "app.cli", "serve", "--engine", "ray", "--ray-address", ray_cluster, "--replicas", "2",
-           "--port", str(port), *args]  # fmt: skip
+           "--port", str(port), *(arg for pair in pairs for arg in pair)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,13 +65,18 @@ def served(ray_cluster: str, service_pairs: list[Any], tmp_path_factory: pytest.
             time.sleep(2)
         else:
             pytest.fail(f"2 replicas not answering after {START_SECONDS} s")
-        yield url
+        yield Served(url, port, pairs)
     finally:
         proc.send_signal(signal.SIGINT)  # as Ctrl-C: the deployment and its actors go too
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def served(served_at: Served) -> str:
+    return served_at.url
 
 
 def _answering(url: str, n: int, path: str = "/readyz") -> Counter:
@@ -125,40 +138,66 @@ def test_an_add_through_the_writer_is_visible_through_every_replica(served: str,
     assert _until(lambda: len(_answering(served, 8, f"/v1/images/{new_id}")) == 2, 5.0) <= 5.0
 
 
-def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(served: str) -> None:
+class Load:
+    """Closed-loop clients on their own threads, as users: each answer's status and end time."""
+
+    def __init__(self, url: str, clients: int = 4, call: Any = None) -> None:
+        self.call = call or (lambda client: client.get(f"{url}/v1/models"))
+        self.answers: list[tuple[float, int | str]] = []  # list.append is atomic: no lock needed
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    status: int | str = self.call(client).status_code
+                except httpx.HTTPError:
+                    status = "error"
+                self.answers.append((time.monotonic(), status))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        time.sleep(2)  # steady state
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def codes(self) -> Counter:
+        return Counter(status for _, status in self.answers)
+
+    def failures(self) -> list[float]:
+        return [t for t, status in self.answers if status != 200]
+
+    def rate(self, start: float, end: float) -> float:
+        """Answers with 200 per second between start and end."""
+        return sum(1 for t, status in self.answers if start <= t < end and status == 200) / (end - start)
+
+
+def _replica_processes() -> list[Any]:
     import psutil
 
-    codes: Counter = Counter()
-    stop = threading.Event()
+    return [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:imgsim" in " ".join(p.info["cmdline"] or [])]
 
-    def load() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    codes[client.get(f"{served}/v1/models").status_code] += 1
-                except httpx.HTTPError:
-                    codes["error"] += 1
 
-    replicas = [
-        p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:imgsim" in " ".join(p.info["cmdline"] or [])
-    ]
+def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(served: str) -> None:
+    replicas = _replica_processes()
     assert len(replicas) == 2
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    time.sleep(2)
-    victim = replicas[0]
-    victim.kill()  # SIGKILL, as a crash
-    before = sum(codes.values())
-    _until(lambda: len(_answering(served, 10)) == 2 and str(victim.pid) not in "".join(_answering(served, 10)), 120)
-    time.sleep(2)
-    stop.set()
-    for w in workers:
-        w.join()
-    failed = sum(n for code, n in codes.items() if code != 200)
-    print(f"replica killed under load: {dict(codes)}")  # pytest -s shows the counts
-    assert failed <= len(workers), codes  # at most the requests inside the killed process at that moment
-    assert sum(codes.values()) > before  # and the service kept answering meanwhile
+    with Load(served) as load:
+        victim = replicas[0]
+        killed_at = time.monotonic()
+        victim.kill()  # SIGKILL, as a crash
+        _until(lambda: len(_answering(served, 10)) == 2 and str(victim.pid) not in "".join(_answering(served, 10)), 120)
+        recovered_at = time.monotonic()
+        time.sleep(3)
+    before, after = load.rate(killed_at - 2, killed_at), load.rate(recovered_at + 1, recovered_at + 3)
+    print(f"replica killed under load: {dict(load.codes())}; {before:.0f} req/s before, {after:.0f} after")
+    assert len(load.failures()) <= 4, load.codes()  # at most the requests inside the killed process (4 clients)
+    assert after >= 0.5 * before, (before, after)  # throughput recovers
 
 
 def test_a_lost_worker_node_costs_only_the_requests_inside_it(served: str) -> None:
@@ -171,41 +210,78 @@ def test_a_lost_worker_node_costs_only_the_requests_inside_it(served: str) -> No
     raylets = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"]
     worker_node = [p for p in raylets if "sockets/raylet." in " ".join(p.cmdline())]
     assert len(raylets) == 2 and len(worker_node) == 1
-    codes: Counter = Counter()
-    failures: list[float] = []  # when each failed request ended
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    status = client.get(f"{served}/v1/models").status_code
-                except httpx.HTTPError:
-                    status = "error"
-                codes[status] += 1
-                if status != 200:
-                    failures.append(time.monotonic())
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    time.sleep(2)
-    killed_at = time.monotonic()
-    worker_node[0].kill()
     try:
-        time.sleep(3)
-        _until(lambda: len(_answering(served, 10)) == 2, 180)  # two replicas again, both on the head
-        recovered_at, answered = time.monotonic(), sum(codes.values())
-        time.sleep(2)
-        assert sum(codes.values()) > answered
+        with Load(served) as load:
+            killed_at = time.monotonic()
+            worker_node[0].kill()
+            time.sleep(3)
+            _until(lambda: len(_answering(served, 10)) == 2, 180)  # two replicas again, both on the head
+            recovered_at = time.monotonic()
+            time.sleep(3)
     finally:
-        stop.set()
-        for w in workers:
-            w.join()
         rejoin_worker()
-    print(f"worker node killed under load: {dict(codes)}")
+    before, after = load.rate(killed_at - 2, killed_at), load.rate(recovered_at + 1, recovered_at + 3)
+    failures = load.failures()
+    print(f"worker node killed under load: {dict(load.codes())}; {before:.0f} req/s before, {after:.0f} after")
     # Only requests caught in the lost node fail: the replica's, and (both "nodes" share this
     # host and its port) those on connections its HTTP proxy held. None before the loss, none
     # once both replicas answer again.
-    assert all(killed_at <= t <= killed_at + 10 for t in failures), (codes, [t - killed_at for t in failures])
-    assert not [t for t in failures if t > recovered_at], codes
+    assert all(killed_at <= t <= killed_at + 10 for t in failures), (load.codes(), [t - killed_at for t in failures])
+    assert not [t for t in failures if t > recovered_at], load.codes()
+    assert after >= 0.5 * before, (before, after)  # throughput recovers
+
+
+def test_a_detached_redeploy_upgrades_every_replica_without_a_failed_request(
+    served_at: Served, ray_cluster: str, service_pairs: list[Any]
+) -> None:
+    """The documented upgrade: `imgsim serve --engine ray --detach` with the new models, run
+    while the service is under load. Ray Serve starts the new replica before it stops the old
+    ones, so even one replica (as here: 2 -> 1) upgrades without a failed request."""
+    import psutil
+
+    url = served_at.url
+    old = set(_answering(url, 10))
+    new_model = httpx.get(f"{url}/v1/models", timeout=10).json()["models"][1]["name"]
+    image = _png(service_pairs[0].model.parent / "colours" / "test" / "red")
+
+    def search(client: httpx.Client) -> httpx.Response:
+        return client.post(f"{url}/v1/search", data={"k": "3"}, files={"file": ("q.png", image, "image/png")})
+
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--engine", "ray", "--ray-address", ray_cluster, "--replicas",
+           "1", "--port", str(served_at.port), "--detach", *served_at.pairs[1]]  # fmt: skip
+    env = {**os.environ, "IMGSIM_RUNTIME": "tf", "IMGSIM_RELOAD_SECONDS": "1"}
+    with Load(url, call=search) as load:
+        started = time.monotonic()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=START_SECONDS)
+        took = time.monotonic() - started
+        time.sleep(1)
+    print(f"upgrade under load took {took:.1f} s: {dict(load.codes())}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not load.failures(), load.codes()
+    old_pids = [int(p.rpartition(":")[2]) for p in old]
+    _until(lambda: not any(psutil.pid_exists(pid) for pid in old_pids), 60)  # the old replicas are gone
+    assert len(_replica_processes()) == 1 and not set(_answering(url, 10)) & old
+    for _ in range(4):
+        assert [m["name"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["models"]] == [new_model]
+
+
+def test_autoscale_adds_a_replica_under_load(served_at: Served, ray_cluster: str, service_pairs: list[Any]) -> None:
+    """`--autoscale 1:2`, deployed over the one replica left by the upgrade (an update keeps the
+    running count within the bounds): a second replica once each holds more requests than a
+    batch (IMGSIM_MAX_BATCH_SIZE=1 here)."""
+    url = served_at.url
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--engine", "ray", "--ray-address", ray_cluster, "--autoscale",
+           "1:2", "--port", str(served_at.port), "--detach", *served_at.pairs[0]]  # fmt: skip
+    env = {**os.environ, "IMGSIM_RUNTIME": "tf", "IMGSIM_MAX_BATCH_SIZE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=START_SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _until(lambda: len(_replica_processes()) == 1, 60)  # the old version's replica stops
+    image = _png(service_pairs[0].model.parent / "colours" / "test" / "red")
+
+    def search(client: httpx.Client) -> httpx.Response:
+        return client.post(f"{url}/v1/search", data={"k": "3"}, files={"file": ("q.png", image, "image/png")})
+
+    with Load(url, clients=8, call=search) as load:
+        took = _until(lambda: len(_replica_processes()) == 2 and len(_answering(url, 10)) == 2, 150)
+    print(f"autoscaled to 2 replicas after {took:.0f} s of load: {dict(load.codes())}")
+    assert not load.failures(), load.codes()

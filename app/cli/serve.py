@@ -44,6 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.server import guarded_protocol
 
+    if args.shutdown:
+        from app.ray_serve import shutdown_ray_serve
+
+        if args.engine != "ray" or not args.ray_address:
+            raise ImgsimError("--shutdown stops a detached Ray deployment: give --engine ray --ray-address HOST:PORT")
+        found = shutdown_ray_serve(args.ray_address)
+        print(f"imgsim: Ray Serve {'shut down' if found else 'was not running; nothing to stop'}", file=sys.stderr)
+        return 0
+    if args.detach and args.engine != "ray":
+        raise ImgsimError("--detach is for --engine ray (a local service runs in the foreground)")
     if len(args.model or []) != len(args.index or []):
         raise ImgsimError("give --model and --index in pairs (one --index per --model)")
     overrides: dict[str, object] = {}
@@ -62,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
         autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
         print(f"imgsim: Ray Serve, {args.autoscale or args.replicas} replica(s); API docs {url}/docs", file=sys.stderr)
-        serve_on_ray(settings, args.ray_address, args.replicas, autoscale, args.cpus_per_replica)
+        serve_on_ray(settings, args.ray_address, args.replicas, autoscale, args.cpus_per_replica, args.detach)
+        if args.detach:
+            print(f"imgsim: deployed; every replica runs this version. Stop: imgsim serve --engine ray "
+                  f"--ray-address {args.ray_address} --shutdown", file=sys.stderr)  # fmt: skip
         return 0
     print(f"imgsim: loading {len(settings.models)} model(s); web page {url}/  API docs {url}/docs", file=sys.stderr)
     uvicorn.run(
@@ -100,4 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=options.positive_int, default=1, help="Ray: replicas (default %(default)s)")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray: scale replicas on load instead")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray: CPUs each replica reserves (1.0)")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="Ray: deploy and return, leaving the deployment running; run again with other models or settings "
+        "for a rolling upgrade without downtime (new replicas start before old ones stop)",
+    )
+    p.add_argument("--shutdown", action="store_true", help="Ray: stop a detached deployment and its writer")
     p.set_defaults(func=run)
