@@ -285,3 +285,12 @@ def test_autoscale_adds_a_replica_under_load(served_at: Served, ray_cluster: str
         took = _until(lambda: len(_replica_processes()) == 2 and len(_answering(url, 10)) == 2, 150)
     print(f"autoscaled to 2 replicas after {took:.0f} s of load: {dict(load.codes())}")
     assert not load.failures(), load.codes()
+
+
+def test_shutdown_stops_a_detached_deployment(served_at: Served, ray_cluster: str) -> None:
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--engine", "ray", "--ray-address", ray_cluster, "--shutdown"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "shut down" in done.stderr, done.stderr[-3000:]
+    assert _until(lambda: not _answering(served_at.url, 2), 30) < 30  # nothing answers on the port
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "was not running" in again.stderr, again.stderr[-3000:]
