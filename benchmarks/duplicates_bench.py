@@ -49,11 +49,11 @@ def near_copy(img: Image.Image, edit: str, rng: np.random.Generator) -> Image.Im
     return ImageEnhance.Brightness(img).enhance(rng.choice([-1, 1]) * rng.uniform(0.15, 0.3) + 1)
 
 
-def make_set(folder: Path, originals: int, copies: int, data: str) -> dict[str, int]:
+def make_set(folder: Path, originals: int, copies: int, data: str, seed: int = 0) -> dict[str, int]:
     """Write the images; their file name -> the original they come from."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     source_of = {}
-    jpegs = load_jpegs("cifar", originals, data)
+    jpegs = load_jpegs("cifar", originals, data, seed=seed)
     images = [Image.open(io.BytesIO(b)).convert("RGB") for _, b in jpegs]
     for i, img in enumerate(images):
         img.save(folder / f"o{i:04d}.png")
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet50:128", help="backbone name or MODEL_DIR (default %(default)s)")
     p.add_argument("--phash-distance", type=int, default=8, help="pHash Hamming distance (default %(default)s)")
     p.add_argument("--thresholds", default="0.8,0.85,0.9,0.95", help="cosines to try besides the default")
+    p.add_argument("--seed", type=int, default=0, help="which originals and edits (default %(default)s)")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -142,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="imgsim-dupes-") as tmp:
         folder = Path(tmp) / "set"
         folder.mkdir()
-        source_of = make_set(folder, args.originals, args.copies, args.data)
+        source_of = make_set(folder, args.originals, args.copies, args.data, args.seed)
         by_source: dict[int, list[str]] = {}
         for name, i in source_of.items():
             by_source.setdefault(i, []).append(name)
         truth = pairs_of([g for g in by_source.values() if len(g) > 1])
         build_index(Path(args.model), str(folder), Path(tmp) / "index", labels="none", progress=False)
         store = IndexStore.open(Path(tmp) / "index")
-        result = {"set": {"originals": args.originals, "copies": args.copies, "true_pairs": len(truth)}}
+        result = {"set": {"originals": args.originals, "copies": args.copies, "seed": args.seed, "true_pairs": len(truth)}}
         for threshold in sorted({DEFAULT_THRESHOLD, *map(float, args.thresholds.split(","))}):
             groups = [g.keys for g in find_duplicates(store, threshold)]
             result[f"embedding@{threshold}"] = score(pairs_of(groups), truth)
