@@ -170,7 +170,7 @@ def _run(
         [{"key": i.key, "label": i.label, "split": i.split} for i in items],
         override_num_blocks=max(1, min(len(items), 4 * actors), len(items) // BLOCK_ITEMS),  # work for every actor
     )
-    ds = ds.map_batches(_decode_block, fn_kwargs={"reader": dataset._reader, "size": input_size},
+    ds = ds.map_batches(_decode_block, fn_kwargs={"reader": dataset.reader, "size": input_size},
                         batch_size=None, num_cpus=DECODE_CPUS)  # fmt: skip
     ds = ds.map_batches(
         actor_class,

@@ -84,11 +84,16 @@ class Dataset:
             counts[item.split] += 1
         return {s: n for s, n in counts.items() if n}
 
-    def iter_raw(self, items: Sequence[Item]) -> Iterator[tuple[Item, Payload]]:
-        """Raw payloads for ``items``, each exactly once and in the given order."""
+    @property
+    def reader(self) -> Reader:
+        """The payload fetcher: small and picklable, so a worker process can read items itself."""
         if self._reader is None:
             raise ImgsimError(f"dataset {self.spec} was not opened with open_dataset(); reopen it")
-        return self._reader.iter_raw(items)
+        return self._reader
+
+    def iter_raw(self, items: Sequence[Item]) -> Iterator[tuple[Item, Payload]]:
+        """Raw payloads for ``items``, each exactly once and in the given order."""
+        return self.reader.iter_raw(items)
 
 
 class SkipCounter:
