@@ -233,4 +233,5 @@ class DuplicateGroup(BaseModel):
 class DuplicatesResponse(BaseModel):
     model: str
     threshold: float
+    hash_check: bool
     groups: list[DuplicateGroup]

@@ -3,6 +3,12 @@
 Every pair above the threshold comes from an exact FAISS range search over the stored
 vectors (in chunks, so memory stays bounded); groups are the connected components of
 those pairs, so a resized copy of a recompressed copy joins its original's group.
+
+With ``hash_check`` a pair below the threshold still counts when its cosine is at least
+``HASH_FLOOR`` and the two images' perceptual hashes (pHash, 64 bits) differ in at most
+``HASH_BITS`` bits: the embedding rules out look-alikes that a hash alone would pair, the
+hash confirms copies that recompression or a resize moved too far in the embedding.
+Hashes are computed from the items' images when needed (only for such pairs).
 """
 
 from __future__ import annotations
@@ -10,8 +16,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 from PIL import Image
@@ -19,8 +29,16 @@ from PIL import Image
 from indexer.faiss_index import l2_normalise
 from indexer.images import item_image_bytes
 from indexer.store import IndexStore
+from models.data.decode import decode_image
+from models.errors import ImgsimError
+
+if TYPE_CHECKING:
+    import imagehash
 
 DEFAULT_THRESHOLD = 0.85  # docs/collections.md: the best balance of precision and recall measured
+HASH_FLOOR = 0.65  # with hash_check: no pair below this cosine, whatever the hashes say
+HASH_BITS = 10  # with hash_check: pHash bits two copies may differ in (docs/collections.md)
+HASH_SIZE = 64  # pixels the image is decoded to before hashing (pHash itself looks at 32 x 32)
 
 
 @dataclass
@@ -41,8 +59,30 @@ def _find(parent: dict[int, int], x: int) -> int:
     return x
 
 
-def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, chunk: int = 4096) -> list[Group]:
-    """Groups of two or more items, largest first; within a group, ids ascending."""
+def _image_hash(store: IndexStore, item_id: int) -> imagehash.ImageHash | None:
+    """pHash of an item's image; None when the image can no longer be read."""
+    import imagehash  # with SciPy: loaded by the duplicates search only, not by every `imgsim` command
+
+    try:
+        pixels = decode_image(item_image_bytes(store, item_id), HASH_SIZE)
+    except ImgsimError:
+        return None
+    return imagehash.phash(Image.fromarray(pixels))
+
+
+def _hashes(store: IndexStore, ids: set[int], cache: MutableMapping[int, imagehash.ImageHash | None]) -> None:
+    """Fill ``cache`` for ``ids`` (decoding runs in threads: Pillow releases the GIL)."""
+    missing = sorted(i for i in ids if i not in cache)
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        cache.update(zip(missing, pool.map(lambda i: _image_hash(store, i), missing)))
+
+
+def _close(a: imagehash.ImageHash | None, b: imagehash.ImageHash | None) -> bool:
+    return a is not None and b is not None and a - b <= HASH_BITS
+
+
+def _pairs(store: IndexStore, floor: float, chunk: int) -> list[tuple[int, int, float]]:
+    """Every pair of live items with a cosine of at least ``floor``, each once."""
     ids, vectors = store.live_vectors()
     if len(ids) < 2:
         return []
@@ -51,11 +91,33 @@ def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, chu
     flat.add(vectors)
     pairs: list[tuple[int, int, float]] = []
     for start in range(0, len(ids), chunk):
-        lims, scores, found = flat.range_search(vectors[start : start + chunk], threshold)
+        lims, scores, found = flat.range_search(vectors[start : start + chunk], floor)
         for q in range(len(lims) - 1):
             for j in range(lims[q], lims[q + 1]):
                 if found[j] > start + q:  # each pair once, not an item with itself
                     pairs.append((int(ids[start + q]), int(ids[found[j]]), float(scores[j])))
+    return pairs
+
+
+def find_duplicates(
+    store: IndexStore,
+    threshold: float = DEFAULT_THRESHOLD,
+    chunk: int = 4096,
+    hash_check: bool = False,
+    hash_cache: MutableMapping[int, imagehash.ImageHash | None] | None = None,
+) -> list[Group]:
+    """Groups of two or more items, largest first; within a group, ids ascending.
+
+    ``hash_cache`` (item id -> pHash) keeps hashes between calls on one index version.
+    """
+    floor = min(threshold, HASH_FLOOR) if hash_check else threshold
+    pairs = _pairs(store, floor, chunk)
+    unsure = [p for p in pairs if p[2] < threshold]
+    if unsure:
+        cache = {} if hash_cache is None else hash_cache
+        _hashes(store, {i for a, b, _ in unsure for i in (a, b)}, cache)
+        confirmed = {(a, b) for a, b, _ in unsure if _close(cache[a], cache[b])}
+        pairs = [p for p in pairs if p[2] >= threshold or (p[0], p[1]) in confirmed]
     parent: dict[int, int] = {}
     for a, b, _ in pairs:
         parent[_find(parent, a)] = _find(parent, b)

@@ -212,3 +212,31 @@ def test_concurrent_cli_adds_lose_nothing(service_pairs: list[Any], tmp_path: Pa
     assert store.count() == 34 and store.index.ntotal == 34 and store.manifest.count == 34
     assert {r.key for r in store.rows(range(30, 40)).values()} == {f.name for f in files}
     store.close()
+
+
+def test_duplicates_with_and_without_the_hash_check(live: TestClient) -> None:
+    """A brightened copy whose cosine is under the threshold: grouped only when the perceptual
+    hashes are compared (the default)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageEnhance
+
+    original = png(noisy((250, 120, 30), seed=11))
+    buf = io.BytesIO()
+    ImageEnhance.Brightness(Image.open(io.BytesIO(original))).enhance(1.3).save(buf, format="PNG")
+    files = [("file", ("o.png", original, "image/png")), ("file", ("o-bright.png", buf.getvalue(), "image/png"))]
+    r = live.post("/v1/images", files=files, headers=KEY)
+    assert r.status_code == 200, r.text
+    pair = set(r.json()["ids"])
+    a, b = (np.asarray(live.get(f"/v1/images/{i}/embedding").json()["vector"]) for i in sorted(pair))
+    cosine = float(a @ b)  # the vectors are L2-normalised
+    threshold = min(1.0, cosine + 0.0005)
+
+    def grouped(**params: Any) -> bool:
+        body = live.get("/v1/duplicates", params={"threshold": threshold, **params}).json()
+        return any(pair <= set(g["ids"]) for g in body["groups"])
+
+    assert not grouped(hash_check="false")
+    assert grouped()  # the default checks hashes
+    assert live.get("/v1/duplicates", params={"threshold": threshold}).json()["hash_check"] is True

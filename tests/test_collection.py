@@ -263,3 +263,30 @@ def test_export_writes_every_vector_and_row(photo_index: tuple[Path, Path, Path]
     data = np.load(out)
     assert data["vectors"].shape == (4, 1024) and sorted(data["key"].tolist())[0] == "2023/01-beach/a.png"
     assert np.allclose(np.linalg.norm(data["vectors"], axis=1), 1, atol=1e-5)
+
+
+def test_hash_check_confirms_a_copy_the_embedding_alone_misses(photo_index: tuple[Path, Path, Path]) -> None:
+    """A brightened copy and a look-alike (same colour, other photo) both sit below the cosine
+    threshold; the perceptual hashes pair the copy and not the look-alike."""
+    from PIL import ImageEnhance
+
+    from indexer.duplicates import HASH_FLOOR, find_duplicates
+
+    root, index, _ = photo_index
+    ImageEnhance.Brightness(Image.open(root / "2024" / "c.png")).enhance(1.3).save(root / "c-bright.png")
+    sync_index(index, progress=False)
+    store = IndexStore.open(index)
+    try:
+        ids = {r.key: r.id for r in store.rows(range(1000)).values()}
+        vectors = dict(zip(*store.live_vectors()))
+        cos = {
+            pair: float(np.dot(*(vectors[ids[k]] / np.linalg.norm(vectors[ids[k]]) for k in pair)))
+            for pair in (("2024/c.png", "c-bright.png"), ("2023/01-beach/a.png", "2023/01-beach/b.png"))
+        }
+        threshold = max(cos.values()) + 0.001
+        assert min(cos.values()) >= HASH_FLOOR, cos  # both pairs are candidates for the hash check
+        assert find_duplicates(store, threshold, hash_check=False) == []
+        groups = find_duplicates(store, threshold, hash_check=True)
+        assert [g.keys for g in groups] == [["2024/c.png", "c-bright.png"]], cos
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -24,6 +25,8 @@ from models.errors import ImgsimError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 collection_router = APIRouter(prefix="/v1", tags=["images"])
+# Perceptual hashes per index version (a store object): a second duplicates call decodes nothing again.
+_hash_caches: WeakKeyDictionary = WeakKeyDictionary()
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and which one is active")
@@ -99,9 +102,14 @@ async def duplicates(
         float, Query(ge=-1.0, le=1.0, description="Cosine at or above which two images pair")
     ] = DEFAULT_THRESHOLD,
     model: Annotated[str | None, Query(max_length=200, description="Model (default: active)")] = None,
+    hash_check: Annotated[
+        bool,
+        Query(description="Also pair images below the threshold (cosine >= 0.65) whose perceptual hashes agree"),
+    ] = True,
 ) -> DuplicatesResponse:
     loaded = registry.get(model)
     store = loaded.store
-    groups = await asyncio.to_thread(find_duplicates, store, threshold)
+    cache = _hash_caches.setdefault(store, {})
+    groups = await asyncio.to_thread(find_duplicates, store, threshold, hash_check=hash_check, hash_cache=cache)
     out = [DuplicateGroup(ids=g.ids, keys=g.keys, max_score=g.max_score) for g in groups]
-    return DuplicatesResponse(model=loaded.name, threshold=threshold, groups=out)
+    return DuplicatesResponse(model=loaded.name, threshold=threshold, hash_check=hash_check, groups=out)
