@@ -76,10 +76,15 @@ def status_and_detail(answer: bytes) -> tuple[int, str]:
     return int(head.split()[1]), json.loads(body)["detail"]
 
 
-def healthz_ms(addr: tuple[str, int]) -> float:
-    start = time.monotonic()
-    assert httpx.get(f"http://{addr[0]}:{addr[1]}/healthz").status_code == 200
-    return (time.monotonic() - start) * 1000
+def healthz_ms(addr: tuple[str, int], tries: int = 3) -> float:
+    """The fastest of a few /healthz calls: one call can lose the CPU on a busy machine (or the
+    GIL to a sending thread in this process); a server whose loop is blocked makes all of them slow."""
+    times = []
+    for _ in range(tries):
+        start = time.monotonic()
+        assert httpx.get(f"http://{addr[0]}:{addr[1]}/healthz").status_code == 200
+        times.append((time.monotonic() - start) * 1000)
+    return min(times)
 
 
 def test_huge_headers_get_431_without_stalling_others(server: tuple[str, int]) -> None:
@@ -88,10 +93,7 @@ def test_huge_headers_get_431_without_stalling_others(server: tuple[str, int]) -
     sender = threading.Thread(target=lambda: done.append(_send_ignoring_reset(server, big)))
     sender.start()
     time.sleep(0.05)
-    # The event loop is not busy with the big header. The best of three: one call can lose
-    # the GIL to the sending thread (same process), a busy loop would make all three slow.
-    times = [healthz_ms(server) for _ in range(3)]
-    assert min(times) < 100, times
+    assert healthz_ms(server) < 100  # the event loop is not busy with the big header
     sender.join(30)
     status, detail = status_and_detail(done[0])
     assert status == 431 and "16384 bytes" in detail
