@@ -5,8 +5,8 @@ vectors (in chunks, so memory stays bounded); groups are the connected component
 those pairs, so a resized copy of a recompressed copy joins its original's group.
 
 With ``hash_check`` a pair below the threshold still counts when its cosine is at least
-``HASH_FLOOR`` and the two images' perceptual hashes (pHash, 64 bits) differ in at most
-``HASH_BITS`` bits: the embedding rules out look-alikes that a hash alone would pair, the
+``HASH_FLOOR``, one image is among the other's ``BAND_NEIGHBOURS`` nearest, and the two
+images' perceptual hashes (pHash, 64 bits) differ in at most ``HASH_BITS`` bits: the embedding rules out look-alikes that a hash alone would pair, the
 hash confirms copies that recompression or a resize moved too far in the embedding.
 Hashes are computed from the items' images when needed (only for such pairs).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import faiss
+import numpy as np
 from PIL import Image
 
 from indexer.faiss_index import l2_normalise
@@ -39,6 +40,7 @@ DEFAULT_THRESHOLD = 0.85  # docs/collections.md: the best balance of precision a
 HASH_FLOOR = 0.65  # with hash_check: no pair below this cosine, whatever the hashes say
 HASH_BITS = 10  # with hash_check: pHash bits two copies may differ in (docs/collections.md)
 HASH_SIZE = 64  # pixels the image is decoded to before hashing (pHash itself looks at 32 x 32)
+BAND_NEIGHBOURS = 10  # with hash_check: an item's nearest below the threshold that are hash-checked
 
 
 @dataclass
@@ -70,33 +72,50 @@ def _image_hash(store: IndexStore, item_id: int) -> imagehash.ImageHash | None:
     return imagehash.phash(Image.fromarray(pixels))
 
 
-def _hashes(store: IndexStore, ids: set[int], cache: MutableMapping[int, imagehash.ImageHash | None]) -> None:
+def _hashes(
+    store: IndexStore, ids: set[int], cache: MutableMapping[int, imagehash.ImageHash | None], progress: bool
+) -> None:
     """Fill ``cache`` for ``ids`` (decoding runs in threads: Pillow releases the GIL)."""
+    from tqdm.auto import tqdm
+
     missing = sorted(i for i in ids if i not in cache)
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        cache.update(zip(missing, pool.map(lambda i: _image_hash(store, i), missing)))
+        hashes = pool.map(lambda i: _image_hash(store, i), missing)
+        cache.update(zip(missing, tqdm(hashes, total=len(missing), unit="img", desc="hashing", disable=not progress)))
 
 
 def _close(a: imagehash.ImageHash | None, b: imagehash.ImageHash | None) -> bool:
     return a is not None and b is not None and a - b <= HASH_BITS
 
 
-def _pairs(store: IndexStore, floor: float, chunk: int) -> list[tuple[int, int, float]]:
-    """Every pair of live items with a cosine of at least ``floor``, each once."""
+def _chunk_pairs(
+    lims: np.ndarray, scores: np.ndarray, found: np.ndarray, start: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A range search's results as (row, row, cosine) arrays: every pair at or above the
+    threshold, and below it only each query's BAND_NEIGHBOURS nearest (a copy is among an
+    image's nearest; a fine-tuned model puts thousands of same-class images above the floor)."""
+    rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+    order = np.lexsort((-scores, rows))  # by query, nearest first
+    rows, found, scores = rows[order], found[order], scores[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position among the query's results
+    keep = (found != rows) & ((scores >= threshold) | (rank <= BAND_NEIGHBOURS))  # rank 0 is the item itself
+    return rows[keep], found[keep], scores[keep]
+
+
+def _pairs(store: IndexStore, threshold: float, floor: float, chunk: int) -> list[tuple[int, int, float]]:
+    """Pairs of live items with a cosine of at least ``floor`` (see _chunk_pairs), each once."""
     ids, vectors = store.live_vectors()
     if len(ids) < 2:
         return []
     vectors = l2_normalise(vectors)
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
-    pairs: list[tuple[int, int, float]] = []
+    best: dict[tuple[int, int], float] = {}
     for start in range(0, len(ids), chunk):
-        lims, scores, found = flat.range_search(vectors[start : start + chunk], floor)
-        for q in range(len(lims) - 1):
-            for j in range(lims[q], lims[q + 1]):
-                if found[j] > start + q:  # each pair once, not an item with itself
-                    pairs.append((int(ids[start + q]), int(ids[found[j]]), float(scores[j])))
-    return pairs
+        rows, found, scores = _chunk_pairs(*flat.range_search(vectors[start : start + chunk], floor), start, threshold)
+        for a, b, score in zip(rows.tolist(), found.tolist(), scores.tolist()):
+            best[(min(a, b), max(a, b))] = score  # a pair found from both of its items counts once
+    return [(int(ids[a]), int(ids[b]), score) for (a, b), score in sorted(best.items())]
 
 
 def find_duplicates(
@@ -105,17 +124,18 @@ def find_duplicates(
     chunk: int = 4096,
     hash_check: bool = False,
     hash_cache: MutableMapping[int, imagehash.ImageHash | None] | None = None,
+    progress: bool = False,
 ) -> list[Group]:
     """Groups of two or more items, largest first; within a group, ids ascending.
 
     ``hash_cache`` (item id -> pHash) keeps hashes between calls on one index version.
     """
     floor = min(threshold, HASH_FLOOR) if hash_check else threshold
-    pairs = _pairs(store, floor, chunk)
+    pairs = _pairs(store, threshold, floor, chunk)
     unsure = [p for p in pairs if p[2] < threshold]
     if unsure:
         cache = {} if hash_cache is None else hash_cache
-        _hashes(store, {i for a, b, _ in unsure for i in (a, b)}, cache)
+        _hashes(store, {i for a, b, _ in unsure for i in (a, b)}, cache, progress)
         confirmed = {(a, b) for a, b, _ in unsure if _close(cache[a], cache[b])}
         pairs = [p for p in pairs if p[2] >= threshold or (p[0], p[1]) in confirmed]
     parent: dict[int, int] = {}

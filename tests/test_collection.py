@@ -290,3 +290,19 @@ def test_hash_check_confirms_a_copy_the_embedding_alone_misses(photo_index: tupl
         assert [g.keys for g in groups] == [["2024/c.png", "c-bright.png"]], cos
     finally:
         store.close()
+
+
+def test_hash_check_candidates_are_each_items_nearest_only() -> None:
+    """Below the threshold only pairs with one of an item's BAND_NEIGHBOURS nearest are
+    candidates (a fine-tuned model puts a whole class above the floor); at or above it, every
+    pair stays."""
+    from indexer.duplicates import BAND_NEIGHBOURS, _chunk_pairs
+
+    scores = np.array([1.0, 0.95, 0.9] + [0.8 - 0.01 * i for i in range(15)], dtype=np.float32)  # 1.0: itself
+    found = np.arange(len(scores), dtype=np.int64)  # query row 0 finds rows 0..17
+    rows, pairs_found, kept = _chunk_pairs(np.array([0, len(scores)], np.uint64), scores[::-1], found[::-1], 0, 0.85)
+    assert set(rows.tolist()) == {0} and 0 not in pairs_found
+    assert sorted(pairs_found.tolist()) == list(range(1, 1 + BAND_NEIGHBOURS))  # the 10 nearest, 2 of them above
+    assert kept.min() == scores[BAND_NEIGHBOURS]
+    _, every, _ = _chunk_pairs(np.array([0, len(scores)], np.uint64), scores, found, 0, 0.5)
+    assert sorted(every.tolist()) == list(range(1, len(scores)))  # all above a low threshold: no limit

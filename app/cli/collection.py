@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from app.cli import options
 from models.errors import BadInput
 
 
@@ -17,7 +18,7 @@ def duplicates(args: argparse.Namespace) -> int:
         raise BadInput(f"--threshold is a cosine, -1..1; got {args.threshold}")
     store = IndexStore.open(args.index)
     try:
-        groups = find_duplicates(store, args.threshold, hash_check=args.hash_check)
+        groups = find_duplicates(store, args.threshold, hash_check=args.hash_check, progress=not args.quiet)
         report = [{"ids": g.ids, "keys": g.keys, "pairs": g.pairs} for g in groups]
         if args.json:
             head = {"threshold": args.threshold, "hash_check": args.hash_check}
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "duplicates",
         help="find groups of near-duplicate images in an index",
+        parents=[options.quiet()],
         description="Every pair of items whose cosine is at least --threshold (an exact range search over the "
         "stored vectors), and, with --hash-check, pairs down to a cosine of 0.65 whose perceptual hashes agree; "
         "grouped by connected components: resized, recompressed, lightly cropped or brightened copies. "
