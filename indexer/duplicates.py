@@ -6,8 +6,9 @@ those pairs, so a resized copy of a recompressed copy joins its original's group
 
 With ``hash_check`` a pair below the threshold still counts when its cosine is at least
 ``HASH_FLOOR``, one image is among the other's ``BAND_NEIGHBOURS`` nearest, and the two
-images' perceptual hashes (pHash, 64 bits) differ in at most ``HASH_BITS`` bits: the embedding rules out look-alikes that a hash alone would pair, the
-hash confirms copies that recompression or a resize moved too far in the embedding.
+images' perceptual hashes (pHash, 64 bits) differ in at most ``HASH_BITS`` bits: the
+embedding rules out look-alikes that a hash alone would pair, the hash confirms copies that
+recompression or a resize moved too far in the embedding.
 Hashes are computed from the items' images when needed (only for such pairs).
 """
 

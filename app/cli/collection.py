@@ -28,7 +28,9 @@ def duplicates(args: argparse.Namespace) -> int:
     finally:
         store.close()
     n = sum(len(g.ids) for g in groups)
-    rule = f"cosine >= {args.threshold}" + (f", or >= {HASH_FLOOR} with matching image hashes" if args.hash_check else "")
+    rule = f"cosine >= {args.threshold}" + (
+        f", or >= {HASH_FLOOR} with matching image hashes" if args.hash_check else ""
+    )
     print(f"{len(groups)} groups of near-duplicates ({n} images) at {rule}"
           + (f" -> {args.out}" if args.out else ""))  # fmt: skip
     return 0
@@ -50,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="find groups of near-duplicate images in an index",
         parents=[options.quiet()],
         description="Every pair of items whose cosine is at least --threshold (an exact range search over the "
-        "stored vectors), and, with --hash-check, pairs down to a cosine of 0.65 whose perceptual hashes agree; "
+        f"stored vectors), and, with --hash-check, pairs down to a cosine of {HASH_FLOOR} whose perceptual "
+        "hashes agree; "
         "grouped by connected components: resized, recompressed, lightly cropped or brightened copies. "
         "Writes a JSON report and an HTML contact sheet.",
     )

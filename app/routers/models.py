@@ -20,7 +20,7 @@ from app.schemas import (
     ReloadResponse,
     error_responses,
 )
-from indexer.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from indexer.duplicates import DEFAULT_THRESHOLD, HASH_FLOOR, find_duplicates
 from models.errors import ImgsimError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -104,7 +104,9 @@ async def duplicates(
     model: Annotated[str | None, Query(max_length=200, description="Model (default: active)")] = None,
     hash_check: Annotated[
         bool,
-        Query(description="Also pair images below the threshold (cosine >= 0.65) whose perceptual hashes agree"),
+        Query(
+            description=f"Also pair images below the threshold (cosine >= {HASH_FLOOR}) whose perceptual hashes agree"
+        ),
     ] = True,
 ) -> DuplicatesResponse:
     loaded = registry.get(model)
