@@ -6,8 +6,9 @@ and back up), JPEG recompression (quality 30-60), cropping up to 10 % of each si
 brightness change of 15-30 %. A true pair is two images from the same original. Each
 method's predicted pairs are all pairs within one of its groups:
 
-* embeddings: `find_duplicates` at its default threshold, on an index of the set built
-  with ``--model`` (default ImageNet ResNet50 at 128 px, no training);
+* embeddings: `find_duplicates` at its default threshold (and at ``--thresholds``), with
+  and without the hash check, on an index of the set built with ``--model`` (default
+  ImageNet ResNet50 at 128 px, no training);
 * pHash (``imagehash.phash``, 64 bits): pairs at Hamming distance <= ``--phash-distance``.
 
 Then the time to group all pairs of a 50,000-item index (1024-d vectors, clustered, with
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=200)
     p.add_argument("--model", default="resnet50:128", help="backbone name or MODEL_DIR (default %(default)s)")
     p.add_argument("--phash-distance", type=int, default=8, help="pHash Hamming distance (default %(default)s)")
-    p.add_argument("--thresholds", default="0.8,0.85,0.9,0.95", help="cosines to try besides the default")
+    p.add_argument("--thresholds", default="0.8,0.85,0.9,0.95", help="thresholds to try besides the default, with and without the hash check")
     p.add_argument("--seed", type=int, default=0, help="which originals and edits (default %(default)s)")
     p.add_argument("--false-pairs", type=Path, default=None, help="PNG of the default mode's groups with a false pair")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{n} groups with a false pair (default mode) -> {args.false_pairs}")
         result[f"hash_check@{DEFAULT_THRESHOLD}"] = score(pairs_of(groups), truth)
         log(f"embeddings + hash check: {result[f'hash_check@{DEFAULT_THRESHOLD}']} in {result['hash_check_seconds']} s")
+        for threshold in sorted(set(map(float, args.thresholds.split(","))) - {DEFAULT_THRESHOLD}):
+            groups = [g.keys for g in find_duplicates(store, threshold, hash_check=True, hash_cache=hashes)]
+            result[f"hash_check@{threshold}"] = score(pairs_of(groups), truth)
+            log(f"embeddings + hash check, threshold {threshold}: {result[f'hash_check@{threshold}']}")
         store.close()
         groups = phash_groups(folder, sorted(source_of), args.phash_distance)
         result[f"phash@{args.phash_distance}"] = score(pairs_of(groups), truth)
