@@ -34,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -229,13 +230,17 @@ def parse_server_timing(value: str) -> dict[str, float]:
     return {n: float(d[4:]) for n, _, d in (p.strip().partition(";") for p in value.split(",")) if d.startswith("dur=")}
 
 
-async def _closed_loop(svc: Service, payloads: list, c: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``c`` workers, one warm-up request each (not counted), then ``n`` measured requests."""
+async def _closed_loop(
+    svc: Service, payloads: list, c: int, n: int, args: argparse.Namespace, on_warm: Callable[[], None]
+) -> dict[str, Any]:
+    """``c`` workers, one warm-up request each (neither counted nor timed: ``on_warm`` runs after
+    them, before the measured part), then ``n`` measured requests."""
     clients = [RawClient(svc.url, args.timeout) for _ in range(c)]
     statuses: Counter[int] = Counter()
     ok, stages, samples = [], {}, []
     sent = 0
     await asyncio.gather(*(cl.post(args.endpoint, *payloads[i % len(payloads)]) for i, cl in enumerate(clients)))
+    on_warm()
     stop_at = time.perf_counter() + args.max_seconds
 
     async def worker(cl: RawClient) -> None:
@@ -266,10 +271,15 @@ async def _closed_loop(svc: Service, payloads: list, c: int, n: int, args: argpa
 
 
 def run_level(svc: Service, payloads: list, c: int, args: argparse.Namespace) -> dict[str, Any]:
-    m0, cpu0, client0 = scrape(svc.url), svc.cpu_seconds(), time.process_time()
-    start = time.perf_counter()
-    r = asyncio.run(_closed_loop(svc, payloads, c, max(args.requests, 2 * c), args))
-    wall = time.perf_counter() - start
+    mark: dict[str, Any] = {}
+
+    def on_warm() -> None:  # the counters and the clock start once every connection is warm
+        mark.update(m0=scrape(svc.url), cpu0=svc.cpu_seconds(), client0=time.process_time())
+        mark["start"] = time.perf_counter()
+
+    r = asyncio.run(_closed_loop(svc, payloads, c, max(args.requests, 2 * c), args, on_warm))
+    wall = time.perf_counter() - mark["start"]
+    m0, cpu0, client0 = mark["m0"], mark["cpu0"], mark["client0"]
     cpu1, client_s, m1 = svc.cpu_seconds(), time.process_time() - client0, scrape(svc.url)
     answered = max(1, sum(r["statuses"].values()))
     level = {
