@@ -115,10 +115,8 @@ def build_index(
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
     _choose_index(len(items), trained.manifest.embedding_dim, index_type, params, max_index_memory)  # fail early
     if engine is not None and engine.kind == "ray":
-        t0 = time.perf_counter()
-        embedded, runtime, nodes = _embed_on_ray(trained, dataset, items, engine, out, batch_size, tta, settings,
-                                                 progress)  # fmt: skip
-        embed_seconds = time.perf_counter() - t0
+        embedded, runtime, embed_seconds, nodes = _embed_on_ray(trained, dataset, items, engine, out, batch_size,
+                                                                tta, settings, progress)  # fmt: skip
     else:
         embedded, runtime, embed_seconds = _embed_here(trained, dataset, items, batch_size, settings, use_cache,
                                                        progress, tta)  # fmt: skip
@@ -211,10 +209,12 @@ def _embed_on_ray(
     tta: str,
     settings: Settings,
     progress: bool,
-) -> tuple[Embedded, str, dict[str, tuple[int, int]]]:
-    """Embeddings from a Ray cluster, and how many images each node decoded and embedded."""
+) -> tuple[Embedded, str, float, dict[str, tuple[int, int]]]:
+    """(embeddings, runtime, seconds) from a Ray cluster, and how many images each node decoded
+    and embedded."""
     from indexer.ray_engine import embed_on_ray
 
+    t0 = time.perf_counter()
     runtime = "tf" if settings.runtime == "auto" else settings.runtime  # each actor's CPU may differ: no auto
     shards = store_dir(out) / f"shards-{os.getpid()}"
     try:
@@ -226,7 +226,7 @@ def _embed_on_ray(
         shutil.rmtree(shards, ignore_errors=True)
     label_of = {i.key: i.label for i in items}
     labels = np.array([label_of[k] for k in keys], dtype=np.int64)
-    return Embedded(keys, labels, vectors, np.zeros((len(keys), 0)), "full-model", skipped), runtime, per_node
+    return Embedded(keys, labels, vectors, np.zeros((len(keys), 0)), "full-model", skipped), runtime, time.perf_counter() - t0, per_node
 
 
 def _write(
