@@ -9,8 +9,10 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
 from app.config import ServiceSettings
+from app.duplicate_jobs import DuplicateJobs
 from app.observability import Metrics
 from app.registry import ModelRegistry
+from app.thumbnails import ThumbnailCache
 from models.errors import Forbidden, Unauthorized
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when IMGSIM_API_KEY is set.")
@@ -30,9 +32,40 @@ async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def _thumbnails(request: Request) -> ThumbnailCache:
+    return request.app.state.thumbnails
+
+
+async def _jobs(request: Request) -> DuplicateJobs:
+    return request.app.state.duplicate_jobs
+
+
 Registry = Annotated[ModelRegistry, Depends(_registry)]
 Settings = Annotated[ServiceSettings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+Thumbnails = Annotated[ThumbnailCache, Depends(_thumbnails)]
+Jobs = Annotated[DuplicateJobs, Depends(_jobs)]
+
+
+def _key_matches(key: str | None, settings: ServiceSettings) -> bool:
+    expected = settings.api_key
+    return (
+        bool(key)
+        and expected is not None
+        and secrets.compare_digest(
+            key.encode(),
+            expected.get_secret_value().encode(),  # type: ignore[union-attr]  # bool(key) above
+        )
+    )
+
+
+async def _is_admin(key: Annotated[str | None, Depends(api_key_header)], settings: Settings) -> bool:
+    return _key_matches(key, settings)
+
+
+# True when the request carries the configured API key: it may see server paths. Without a
+# configured key nobody is admin in this sense (everyone could send nothing).
+Admin = Annotated[bool, Depends(_is_admin)]
 
 
 async def require_admin(key: Annotated[str | None, Depends(api_key_header)], settings: Settings) -> None:
@@ -41,5 +74,5 @@ async def require_admin(key: Annotated[str | None, Depends(api_key_header)], set
         return
     if not key:
         raise Unauthorized("this operation needs an API key (header X-API-Key)")
-    if not secrets.compare_digest(key.encode(), settings.api_key.get_secret_value().encode()):
+    if not _key_matches(key, settings):
         raise Forbidden("invalid API key")

@@ -13,15 +13,21 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from app import openapi
 from app.config import ServiceSettings, get_service_settings
+from app.duplicate_jobs import DuplicateJobs
 from app.imaging import decode_pool
 from app.memory import RequestCounter, release_free_memory, trim_when_idle, use_large_image_blocks
 from app.middleware import ObserveMiddleware
 from app.observability import Metrics
 from app.registry import Cluster, ModelRegistry, detect_device
 from app.routers import health, images, models, search
+from app.thumbnails import ThumbnailCache
+from models.data.budget import DECODES
 from models.errors import Busy, ImgsimError, NotReady
 from models.manifests import package_version
 
@@ -36,6 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     registry = ModelRegistry(settings)
     registry.cluster = app.state.cluster
+    registry.retire = app.state.requests.retire
     registry.device = detect_device()
     log.info("inference device: %s", registry.device)
     if not settings.models:
@@ -56,12 +63,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     trimmer = asyncio.get_running_loop().create_task(trim_when_idle(app.state.requests))
     app.state.registry = registry
     app.state.decode_pool = decode_pool(settings.max_decodes)
+    DECODES.set_limit(settings.max_decodes)  # every decode in the process: uploads, thumbnails, hashes
     try:
         yield
     finally:
         trimmer.cancel()
+        app.state.duplicate_jobs.stop()
         await registry.stop()
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route accepts at this request's path."""
+    return [
+        method
+        for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+        if any(r.matches({**scope, "method": method})[0] is Match.FULL for r in app.router.routes)
+    ]
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer, except that a 405's Allow lists every method of the path (Starlette
+    names only the first route that matched it: GET /v1/images/{id} hid its DELETE)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers)
 
 
 def create_app(settings: ServiceSettings | None = None, cluster: Cluster | None = None) -> FastAPI:
@@ -78,6 +105,8 @@ def create_app(settings: ServiceSettings | None = None, cluster: Cluster | None 
     app.state.metrics = Metrics()
     app.state.requests = RequestCounter()
     app.state.decodes = asyncio.Semaphore(settings.max_decodes)
+    app.state.duplicate_jobs = DuplicateJobs(app.state.requests)
+    app.state.thumbnails = ThumbnailCache(settings.cache_dir / "thumbnails", settings.max_image_pixels)
     for r in (search.router, models.router, models.collection_router, images.router, health.router):
         app.include_router(r)
 
@@ -99,6 +128,8 @@ def create_app(settings: ServiceSettings | None = None, cluster: Cluster | None 
         if isinstance(exc, Busy):
             app.state.metrics.rejected.labels(getattr(request.state, "model", "")).inc()
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # Starlette's handler type is loose
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,6 +18,7 @@ from app.observability import Metrics
 
 log = logging.getLogger("imgsim.app")
 CLOSE = {"Connection": "close"}  # the rest of the body is never read: the connection cannot be reused
+SHUTTING_DOWN = "the service is shutting down; retry shortly"
 CLIENT_GONE = 499  # nginx's code for "the client closed the request": in the metrics, never sent
 
 
@@ -59,7 +60,9 @@ class ObserveMiddleware:
     A body over the limit gets 413: at once when its Content-Length says so, otherwise as
     soon as the bytes read pass the limit (chunked bodies too), before any route reads it
     whole, parses it or checks an API key. A body that stalls for IMGSIM_BODY_SECONDS gets
-    408, and a client that hangs up mid-upload costs one INFO line (499 in the metrics).
+    408, and a client that hangs up mid-upload costs one INFO line (499 in the metrics). A
+    request still running when the shutdown deadline cancels it gets 503 and one INFO line
+    (uvicorn would log a traceback and answer 500).
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware (``@app.middleware``) costs a
     measurable share of the per-request time of a fast model.
@@ -82,18 +85,18 @@ class ObserveMiddleware:
         start = time.perf_counter()
         scope.setdefault("state", {})["start"] = start  # where a request's Server-Timing starts
         status = 500
+        started = False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", ()), PROCESS_HEADER]
             await send(message)
 
         body = BodyGuard(receive, self.limit, self.too_large, self.body_seconds)
         length = dict(scope["headers"]).get(b"content-length", b"")
-        self.requests.started += 1
-        self.requests.in_flight += 1
+        token = self.requests.enter()
         try:
             if length.isdigit() and int(length) > self.limit:
                 await JSONResponse({"detail": self.too_large}, 413, CLOSE)(scope, receive, send_status)
@@ -101,8 +104,12 @@ class ObserveMiddleware:
                 await self.app(scope, body, send_status)
         except ClientDisconnect:  # raised where a route reads the body itself
             body.disconnected = True
+        except asyncio.CancelledError:  # uvicorn cancels what is left when IMGSIM_SHUTDOWN_SECONDS runs out
+            log.info("request cut by the shutdown deadline: %s %s", scope["method"], scope["path"])
+            if not started:  # else uvicorn closes the connection: a half-sent answer cannot be replaced
+                await JSONResponse({"detail": SHUTTING_DOWN}, 503, CLOSE)(scope, receive, send_status)
         finally:
-            self.requests.in_flight -= 1
+            self.requests.exit(token)
         if body.disconnected:  # nobody to answer, nothing to fix: one line, not a traceback
             status = CLIENT_GONE
             log.info("client disconnected: %s %s after %d body bytes", scope["method"], scope["path"], body.received)

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 
 def with_limits(schema: dict[str, Any], max_k: int, max_files: int) -> dict[str, Any]:
-    """Set ``k``'s maximum and the image count's maximum wherever they appear (in place)."""
+    """Set ``k``'s maximum, the image count's maximum and the files' minimum length wherever
+    they appear (in place)."""
 
     def visit(node: Any) -> None:
         if isinstance(node, dict):
@@ -20,8 +21,9 @@ def with_limits(schema: dict[str, Any], max_k: int, max_files: int) -> dict[str,
             if "k" in props:
                 props["k"]["maximum"] = max_k
             files = props.get("file", {})
-            if files.get("type") == "array" and "maxItems" not in files:
-                files["maxItems"] = max_files
+            if files.get("type") == "array":
+                files.setdefault("maxItems", max_files)
+                files.get("items", {})["minLength"] = 1  # an empty part is refused (422): say so
             for p in node.get("parameters", []):
                 if p.get("name") == "k":
                     p["schema"]["maximum"] = max_k

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,11 +19,11 @@ from indexer.store import IndexStore
 from indexer.update import Changes, NewItem, apply_changes
 from indexer.versions import current_version
 from models.embedder import Embedder
-from models.errors import BadInput, NotFound, NotReady
+from models.errors import BadInput, Busy, NotFound, NotReady
 from models.inference import load_trained
 from models.manifests import ModelIdentity, ModelManifest, model_identity
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("imgsim.app")
 
 
 @dataclass
@@ -34,6 +34,8 @@ class LoadedModel:
     batcher: MicroBatcher
     index_dir: Path
     identity: ModelIdentity
+    # Called with a replaced version's release; the app waits for its requests (app.memory).
+    retire: Callable[[Callable[[], None]], None] | None = None
 
     @property
     def manifest(self) -> ModelManifest:
@@ -56,14 +58,16 @@ class LoadedModel:
         """Swap in the index's current version if it is not the one loaded (runs in a thread).
 
         The new version is opened and checked completely before one reference assignment
-        makes it the store: requests never see a half-loaded index. The old one is closed
-        by the garbage collector once the last request using it has finished.
+        makes it the store: requests never see a half-loaded index. The old one is released
+        once the last request that may use it has finished (``retire``).
         """
         if current_version(self.index_dir) == self.store.path:
             return False
         fresh = IndexStore.open(self.index_dir, expect_model=self.identity, mmap=True)
         fresh.labels_and_keys([])  # load the label map now, not in the first request
-        self.store = fresh
+        old, self.store = self.store, fresh
+        if self.retire is not None:
+            self.retire(old.release)
         log.info("model %s: index %s is now version %s (%d items)", self.name, self.index_dir, fresh.path.name,
                  fresh.size)  # fmt: skip
         return True
@@ -127,6 +131,7 @@ class ModelRegistry:
         self._follower: asyncio.Task[None] | None = None
         self.on_batch = None  # set by the app: (model name, batch size, seconds) -> None
         self.cluster: Cluster | None = None  # set by the app when it runs as one of several replicas
+        self.retire: Callable[[Callable[[], None]], None] | None = None  # set by the app (RequestCounter.retire)
 
     def load(self, pair: ModelPair) -> LoadedModel:
         trained = load_trained(pair.model)
@@ -144,7 +149,7 @@ class ModelRegistry:
                 self.on_batch(name, n, seconds)
 
         s = self.settings
-        loaded = LoadedModel(name, embedder, store, None, pair.index, identity)  # type: ignore[arg-type]
+        loaded = LoadedModel(name, embedder, store, None, pair.index, identity, self.retire)  # type: ignore[arg-type]
         loaded.batcher = MicroBatcher(
             loaded.run_batch,
             s.max_batch_size,
@@ -194,9 +199,12 @@ class ModelRegistry:
 
     def write(self, index_dir: Path, add: Sequence[NewItem], remove: Sequence[int], lock_timeout: float) -> Changes:
         """Change an index: here, or through the cluster's one writer (blocking: run in a thread)."""
-        if self.cluster is not None:
-            return self.cluster.write(index_dir, add, remove, lock_timeout)
-        return apply_changes(index_dir, add, remove, lock_timeout)
+        try:
+            if self.cluster is not None:
+                return self.cluster.write(index_dir, add, remove, lock_timeout)
+            return apply_changes(index_dir, add, remove, lock_timeout)
+        except Busy:  # its message names the index directory and the writer's pid: not for clients
+            raise Busy("the index is being changed by another writer; try again when it has finished") from None
 
     def start(self) -> None:
         for m in self.models.values():

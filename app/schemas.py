@@ -235,3 +235,10 @@ class DuplicatesResponse(BaseModel):
     threshold: float
     hash_check: bool
     groups: list[DuplicateGroup]
+
+
+class DuplicatesPending(BaseModel):
+    model: str
+    status: str = Field(description="queued, pairs (searching the index) or hashing (checking candidate pairs)")
+    done: int = Field(description="Items (pairs) or images (hashing) done so far")
+    total: int = Field(description="Of how many, in this phase")

@@ -186,16 +186,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_service_options(p: argparse.ArgumentParser, name: str, what: str) -> None:
+    """The options of a worst-case run against a service (also benchmarks/worst_routes.py)."""
     p.add_argument("--model", type=Path, required=True, help="model directory or backbone name (e.g. resnet50:128)")
     p.add_argument("--index", type=Path, required=True, help="index directory built from --model")
-    p.add_argument("--concurrency", type=int, default=16, help="uploads in flight at once (default 16)")
-    p.add_argument("--bursts", type=int, default=3, help="bursts, with --settle seconds between them (default 3)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds after a burst before its RSS is read")
+    p.add_argument("--concurrency", type=int, default=16, help=f"{what} in flight at once (default 16)")
+    p.add_argument("--bursts", type=int, default=3, help="bursts (default 3)")
     p.add_argument("--max-decodes", type=int, default=2, help="IMGSIM_MAX_DECODES of the service (default 2)")
-    p.add_argument("--log", type=Path, default=Path("out/worst_uploads.log"), help="the service's log")
+    p.add_argument("--log", type=Path, default=Path(f"out/{name}.log"), help="the service's log")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_service_options(p, "worst_uploads", "uploads")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds after a burst before its RSS is read")
     args = p.parse_args(argv)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     result = run(args)

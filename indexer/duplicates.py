@@ -18,7 +18,7 @@ import base64
 import html
 import io
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +31,8 @@ from PIL import Image
 from indexer.faiss_index import l2_normalise
 from indexer.images import item_image_bytes
 from indexer.store import IndexStore
-from models.data.decode import decode_image
-from models.errors import ImgsimError
+from models.data.decode import decode_image, decode_thumbnail
+from models.errors import BadInput, ImgsimError
 
 if TYPE_CHECKING:
     import imagehash
@@ -42,6 +42,7 @@ HASH_FLOOR = 0.65  # with hash_check: no pair below this cosine, whatever the ha
 HASH_BITS = 10  # with hash_check: pHash bits two copies may differ in (docs/collections.md)
 HASH_SIZE = 64  # pixels the image is decoded to before hashing (pHash itself looks at 32 x 32)
 BAND_NEIGHBOURS = 10  # with hash_check: an item's nearest below the threshold that are hash-checked
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass
@@ -74,7 +75,11 @@ def _image_hash(store: IndexStore, item_id: int) -> imagehash.ImageHash | None:
 
 
 def _hashes(
-    store: IndexStore, ids: set[int], cache: MutableMapping[int, imagehash.ImageHash | None], progress: bool
+    store: IndexStore,
+    ids: set[int],
+    cache: MutableMapping[int, imagehash.ImageHash | None],
+    progress: bool,
+    on_progress: Progress | None = None,
 ) -> None:
     """Fill ``cache`` for ``ids`` (decoding runs in threads: Pillow releases the GIL)."""
     from tqdm.auto import tqdm
@@ -82,7 +87,11 @@ def _hashes(
     missing = sorted(i for i in ids if i not in cache)
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         hashes = pool.map(lambda i: _image_hash(store, i), missing)
-        cache.update(zip(missing, tqdm(hashes, total=len(missing), unit="img", desc="hashing", disable=not progress)))
+        bar = tqdm(hashes, total=len(missing), unit="img", desc="hashing", disable=not progress)
+        for n, (item_id, h) in enumerate(zip(missing, bar), 1):
+            cache[item_id] = h
+            if on_progress is not None:
+                on_progress("hashing", n, len(missing))
 
 
 def _close(a: imagehash.ImageHash | None, b: imagehash.ImageHash | None) -> bool:
@@ -103,8 +112,16 @@ def _chunk_pairs(
     return rows[keep], found[keep], scores[keep]
 
 
-def _pairs(store: IndexStore, threshold: float, floor: float, chunk: int) -> list[tuple[int, int, float]]:
-    """Pairs of live items with a cosine of at least ``floor`` (see _chunk_pairs), each once."""
+def _pairs(
+    store: IndexStore,
+    threshold: float,
+    floor: float,
+    chunk: int,
+    max_pairs: int | None = None,
+    on_progress: Progress | None = None,
+) -> list[tuple[int, int, float]]:
+    """Pairs of live items with a cosine of at least ``floor`` (see _chunk_pairs), each once;
+    more than ``max_pairs`` is an error (a threshold that pairs whole classes)."""
     ids, vectors = store.live_vectors()
     if len(ids) < 2:
         return []
@@ -116,6 +133,10 @@ def _pairs(store: IndexStore, threshold: float, floor: float, chunk: int) -> lis
         rows, found, scores = _chunk_pairs(*flat.range_search(vectors[start : start + chunk], floor), start, threshold)
         for a, b, score in zip(rows.tolist(), found.tolist(), scores.tolist()):
             best[(min(a, b), max(a, b))] = score  # a pair found from both of its items counts once
+        if max_pairs is not None and len(best) > max_pairs:
+            raise BadInput(f"more than {max_pairs} pairs at cosine >= {threshold:g} in this index: raise the threshold")
+        if on_progress is not None:
+            on_progress("pairs", min(start + chunk, len(ids)), len(ids))
     return [(int(ids[a]), int(ids[b]), score) for (a, b), score in sorted(best.items())]
 
 
@@ -126,17 +147,20 @@ def find_duplicates(
     hash_check: bool = False,
     hash_cache: MutableMapping[int, imagehash.ImageHash | None] | None = None,
     progress: bool = False,
+    max_pairs: int | None = None,
+    on_progress: Progress | None = None,
 ) -> list[Group]:
     """Groups of two or more items, largest first; within a group, ids ascending.
 
-    ``hash_cache`` (item id -> pHash) keeps hashes between calls on one index version.
+    ``hash_cache`` (item id -> pHash) keeps hashes between calls on one index version;
+    ``on_progress(phase, done, total)`` follows the pairs search, then the hashing.
     """
     floor = min(threshold, HASH_FLOOR) if hash_check else threshold
-    pairs = _pairs(store, threshold, floor, chunk)
+    pairs = _pairs(store, threshold, floor, chunk, max_pairs, on_progress)
     unsure = [p for p in pairs if p[2] < threshold]
     if unsure:
         cache = {} if hash_cache is None else hash_cache
-        _hashes(store, {i for a, b, _ in unsure for i in (a, b)}, cache, progress)
+        _hashes(store, {i for a, b, _ in unsure for i in (a, b)}, cache, progress, on_progress)
         confirmed = {(a, b) for a, b, _ in unsure if _close(cache[a], cache[b])}
         pairs = [p for p in pairs if p[2] >= threshold or (p[0], p[1]) in confirmed]
     parent: dict[int, int] = {}
@@ -153,10 +177,9 @@ def find_duplicates(
 
 def _thumbnail(store: IndexStore, item_id: int, size: int = 128) -> str:
     try:
-        img = Image.open(io.BytesIO(item_image_bytes(store, item_id))).convert("RGB")
-    except Exception:  # noqa: BLE001 - a missing file shows as a gap, the report still renders
+        img = decode_thumbnail(item_image_bytes(store, item_id), size)
+    except ImgsimError:  # a missing or broken file shows as a gap, the report still renders
         return ""
-    img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

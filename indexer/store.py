@@ -112,6 +112,13 @@ class IndexStore:
         if self.vectors is not None:
             self.vectors.close()
 
+    def release(self) -> None:
+        """Close it and free its FAISS index now, not when the last reference goes: the
+        service's replaced versions (which a stray reference could keep in memory)."""
+        self.close()
+        self.index = None  # type: ignore[assignment]  # released: no method may be called after this
+        self._names = None
+
     def set_dead(self, ids: np.ndarray) -> None:
         """Deletions an HNSW graph still holds: every search filters them out (an id selector)."""
         self.dead = np.asarray(ids, dtype=np.int64)

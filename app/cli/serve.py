@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.cli import options
 from models.errors import ImgsimError, NotFound
@@ -35,6 +36,17 @@ def check_model_pairs(pairs: Sequence[ModelPair]) -> None:
             raise ImgsimError(f"two models are named {name!r}; give them distinct names")
         names.add(name)
         IndexStore.open(pair.index, expect_model=model_identity(pair.model, manifest)).close()
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the service's own ``imgsim.*`` loggers at the same level: without
+    them, Python's default (WARNING) hid the INFO lines the docs promise (client disconnects,
+    requests cut by the shutdown deadline, index swaps)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["imgsim"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=log_config(args.log_level),
         timeout_graceful_shutdown=settings.shutdown_seconds,  # one slow uploader cannot hold the exit
         http=guarded_protocol(settings.max_header_bytes, settings.header_seconds),
     )
@@ -109,7 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="local: one process (uvicorn, default); ray: replicas behind Ray Serve's proxy, one index writer, "
         "a shared active model (pip install -e '.[cluster]'; indexes on storage every node reads)",
     )
-    p.add_argument("--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)")
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)"
+    )
     p.add_argument("--replicas", type=options.positive_int, default=1, help="Ray: replicas (default %(default)s)")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray: scale replicas on load instead")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray: CPUs each replica reserves (1.0)")

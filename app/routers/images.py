@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import io
-import json
 import time
+from functools import partial
+from pathlib import Path as FilePath
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image
+from pydantic import BeforeValidator
 
-from app.deps import Registry, Settings, require_admin
+from app.deps import Admin, Registry, Settings, Thumbnails, require_admin
+from app.item_meta import parse_meta, shown_meta
 from app.registry import LoadedModel
 from app.routers.search import neighbours
 from app.schemas import AddResponse, DeleteResponse, EmbeddingResponse, ItemInfo, SearchResponse, error_responses
@@ -21,28 +23,24 @@ from app.uploads import ImageFiles, ModelName, run_images
 from indexer.images import item_image_bytes
 from indexer.query import search
 from indexer.update import NewItem
-from models.errors import BadInput, Gone, NotFound
+from models.errors import BadInput, Gone, NotFound, UnreadableImage
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
-_MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif"}
-ItemId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id from a search result")]  # SQLite INTEGER
+
+def _digits_only(value: object) -> object:
+    """Ids are written as digits: ' 1', '+1' and '1.0' would otherwise all read as item 1."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("an item id is written with digits only, e.g. 42")
+    return value
+
+
+# SQLite INTEGER; the validator after Path, so that the schema keeps minimum and maximum
+ItemId = Annotated[
+    int, Path(ge=0, le=2**63 - 1, description="Item id from a search result"), BeforeValidator(_digits_only)
+]
 ModelQuery = Annotated[str | None, Query(max_length=200, description="Model of the index (default: active)")]
 WRITE_LOCK_SECONDS = 30.0  # a live add or delete waits this long for another writer of the index
-
-
-def _render(data: bytes, size: int | None) -> tuple[bytes, str]:
-    """The stored bytes as they are, or a thumbnail (PNG for tiny images, else JPEG)."""
-    img = Image.open(io.BytesIO(data))
-    if size is None and img.format in _MEDIA:
-        return data, _MEDIA[img.format]
-    img = img.convert("RGB")
-    if size is not None:
-        img.thumbnail((size, size), Image.Resampling.LANCZOS)  # never enlarges
-    fmt = "PNG" if max(img.size) <= 64 else "JPEG"
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, quality=90)
-    return buf.getvalue(), _MEDIA[fmt]
 
 
 def _model(request: Request, registry: Registry, model: str | None) -> LoadedModel:
@@ -52,15 +50,19 @@ def _model(request: Request, registry: Registry, model: str | None) -> LoadedMod
 
 
 @router.get("/{item_id}", response_model=ItemInfo, responses=error_responses(404, 422), summary="An item's details")
-def get_item(request: Request, registry: Registry, item_id: ItemId, model: ModelQuery = None) -> ItemInfo:
+def get_item(request: Request, registry: Registry, admin: Admin, item_id: ItemId, model: ModelQuery = None) -> ItemInfo:
+    """Paths are shown relative to the collection (files added from elsewhere: their name)
+    unless the request carries the API key."""
     loaded = _model(request, registry, model)
     try:
         row = loaded.store.item(item_id)
     except KeyError:
         raise NotFound(f"no item {item_id} in the index of model {loaded.name!r}") from None
-    meta = json.loads(row["meta"]) if row.get("meta") else {}
-    return ItemInfo(model=loaded.name, file_url=f"/v1/images/{item_id}/file?model={loaded.name}", meta=meta,
-                    **{k: row.get(k) for k in ItemInfo.model_fields if k in row and k != "meta"})  # fmt: skip
+    fields = {k: row.get(k) for k in ItemInfo.model_fields if k in row and k not in ("meta", "source")}
+    root = FilePath(loaded.store.manifest.dataset.spec).absolute()
+    source = row["source"] if admin else shown_source(row["source"], row.get("split"), root)
+    return ItemInfo(model=loaded.name, file_url=f"/v1/images/{item_id}/file?model={loaded.name}", source=source,
+                    meta=shown_meta(row.get("meta")), **fields)  # fmt: skip
 
 
 @router.get(
@@ -72,19 +74,23 @@ def get_item(request: Request, registry: Registry, item_id: ItemId, model: Model
 async def get_image(
     request: Request,
     registry: Registry,
+    thumbnails: Thumbnails,
     item_id: ItemId,
     model: ModelQuery = None,
     size: Annotated[int | None, Query(ge=16, le=1024, description="Longest side of a thumbnail in pixels")] = None,
 ) -> Response:
+    """Thumbnails are made once (in the decode budget that uploads use) and kept on disk."""
     loaded = _model(request, registry, model)
+    store = loaded.store
     try:
-        data = await run_in_threadpool(item_image_bytes, loaded.store, item_id)
+        sha256 = store.rows([item_id])[item_id].sha256
     except KeyError:
         raise NotFound(f"no item {item_id} in the index of model {loaded.name!r}") from None
+    render = partial(thumbnails.render, sha256, partial(item_image_bytes, store, item_id), size)
     try:
-        body, media = await run_in_threadpool(_render, data, size)
-    except (OSError, ValueError) as exc:  # Pillow: unreadable stored image
-        raise Gone(f"image of item {item_id} cannot be decoded: {exc}") from None
+        body, media = await asyncio.get_running_loop().run_in_executor(request.app.state.decode_pool, render)
+    except UnreadableImage as exc:
+        raise Gone(f"image of item {item_id} cannot be decoded: {exc.reason_detail or exc.reason}") from None
     return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
 
@@ -136,16 +142,26 @@ def embedding(request: Request, registry: Registry, item_id: ItemId, model: Mode
     )
 
 
-def _meta(text: str | None) -> str | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise BadInput(f"meta is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadInput('meta must be a JSON object, e.g. {"album": "Rome 2024"}')
-    return json.dumps(value)
+def shown_source(source: str, split: str | None, root: FilePath) -> str:
+    """An item's source as a caller without the API key sees it: never a server path.
+
+    Folder items name their collection folder; files added by path (``imgsim index add``)
+    their path inside the collection, or only their name when they lie outside it."""
+    if source == "upload":
+        return source
+    if split != "added":
+        return root.name or "collection"
+    path = FilePath(source)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def _label_id(label: str | None, names: list[str]) -> int:
+    if label is None:
+        return -1
+    if label not in names:
+        known = ", ".join(names) if names else "none (an index of ImageNet features has no labels)"
+        raise BadInput(f"unknown label {label[:64]!r}; the index's classes are: {known}")
+    return names.index(label)
 
 
 @router.post(
@@ -166,16 +182,16 @@ async def add_images(
 ) -> AddResponse:
     """Embeds the images and publishes a new index version before it answers: an acknowledged
     add survives a crash. A file whose bytes are already indexed gets its existing id."""
+    stored_meta = parse_meta(meta)  # checked before any image is decoded
+    label_id = _label_id(label, registry.get(model).store.manifest.dataset.class_names)
     loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
-    names = loaded.store.manifest.dataset.class_names
-    label_id = names.index(label) if label in names else -1
     items = []
     for f, r in zip(file, results):
         await f.seek(0)
         data = await f.read()
         sha = hashlib.sha256(data).hexdigest()
         items.append(NewItem(f.filename or "upload", "upload", sha, r.embedding, label_id, label, image=data,
-                             meta=_meta(meta)))  # fmt: skip
+                             meta=stored_meta))  # fmt: skip
     changes = await run_in_threadpool(registry.write, loaded.index_dir, items, (), WRITE_LOCK_SECONDS)
     await run_in_threadpool(loaded.reload_if_changed)
     ids = iter(changes.added)

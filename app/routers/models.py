@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated
-from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 
 from app import ensemble
-from app.deps import Registry, Settings, require_admin
+from app.deps import Jobs, Registry, Settings, require_admin
 from app.schemas import (
     ActivateRequest,
     ActiveResponse,
     DuplicateGroup,
+    DuplicatesPending,
     DuplicatesResponse,
     ModelInfo,
     ModelsResponse,
     ReloadResponse,
     error_responses,
 )
-from indexer.duplicates import DEFAULT_THRESHOLD, HASH_FLOOR, find_duplicates
+from indexer.duplicates import DEFAULT_THRESHOLD, HASH_FLOOR
 from models.errors import ImgsimError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 collection_router = APIRouter(prefix="/v1", tags=["images"])
-# Perceptual hashes per index version (a store object): a second duplicates call decodes nothing again.
-_hash_caches: WeakKeyDictionary = WeakKeyDictionary()
+FIRST_WAIT_SECONDS = 1.0  # a small index's duplicates come back in the first answer
+POLL_SECONDS = 0.05
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and which one is active")
@@ -93,13 +94,17 @@ async def reload_indexes(registry: Registry) -> ReloadResponse:
 @collection_router.get(
     "/duplicates",
     response_model=DuplicatesResponse,
-    responses=error_responses(404, 422),
+    responses={
+        202: {"model": DuplicatesPending, "description": "Still computing: ask again after Retry-After seconds"},
+        **error_responses(404, 422, 503),
+    },
     summary="Groups of near-duplicate images in a model's index",
 )
 async def duplicates(
     registry: Registry,
+    jobs: Jobs,
     threshold: Annotated[
-        float, Query(ge=-1.0, le=1.0, description="Cosine at or above which two images pair")
+        float, Query(ge=HASH_FLOOR, le=1.0, description="Cosine at or above which two images pair")
     ] = DEFAULT_THRESHOLD,
     model: Annotated[str | None, Query(max_length=200, description="Model (default: active)")] = None,
     hash_check: Annotated[
@@ -108,10 +113,20 @@ async def duplicates(
             description=f"Also pair images below the threshold (cosine >= {HASH_FLOOR}) whose perceptual hashes agree"
         ),
     ] = True,
-) -> DuplicatesResponse:
+) -> DuplicatesResponse | JSONResponse:
+    """Computed in the background, once per index version and parameters: the first call
+    (and any call while it runs) answers 202 with the progress, unless it finishes within
+    about a second; later calls answer from the result at once."""
     loaded = registry.get(model)
-    store = loaded.store
-    cache = _hash_caches.setdefault(store, {})
-    groups = await asyncio.to_thread(find_duplicates, store, threshold, hash_check=hash_check, hash_cache=cache)
-    out = [DuplicateGroup(ids=g.ids, keys=g.keys, max_score=g.max_score) for g in groups]
+    job = jobs.get(loaded.store, threshold, hash_check)
+    for _ in range(round(FIRST_WAIT_SECONDS / POLL_SECONDS)):  # the event loop stays free meanwhile
+        if job.finished.is_set():
+            break
+        await asyncio.sleep(POLL_SECONDS)
+    if job.error is not None:
+        raise job.error
+    if job.groups is None:
+        body = DuplicatesPending(model=loaded.name, status=job.phase, done=job.done, total=job.total)
+        return JSONResponse(body.model_dump(), 202, {"Retry-After": "1"})
+    out = [DuplicateGroup(ids=g.ids, keys=g.keys, max_score=g.max_score) for g in job.groups]
     return DuplicatesResponse(model=loaded.name, threshold=threshold, hash_check=hash_check, groups=out)

@@ -9,6 +9,7 @@ from collections.abc import Collection
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.data.budget import DECODES
 from models.errors import UnreadableImage
 from models.settings import get_settings
 
@@ -82,17 +83,33 @@ def decode_image(
     if size is not None and size < 1:
         raise ValueError(f"size must be positive or None, got {size}")
     limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
-    if isinstance(raw, np.ndarray):
-        img = _image_from_array(raw, limit)
-    else:
-        img = _image_from_bytes(bytes(raw), limit, size, formats)
-    try:
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
-        out = np.array(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
-        raise UnreadableImage("corrupt", str(exc)) from exc
-    return out
+    with DECODES.slot():
+        if isinstance(raw, np.ndarray):
+            img = _image_from_array(raw, limit)
+        else:
+            img = _image_from_bytes(bytes(raw), limit, size, formats)
+        try:
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
+            return np.array(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
+            raise UnreadableImage("corrupt", str(exc)) from exc
+
+
+def decode_thumbnail(data: bytes, size: int | None, *, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> an RGB image whose longest side is at most ``size`` (aspect kept; None: full
+    size), decoded as ``decode_image`` decodes: the same pixel limit, reduced decoding, EXIF
+    orientation and the process's decode budget."""
+    limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
+    with DECODES.slot():
+        img = _image_from_bytes(bytes(data), limit, size)
+        try:
+            if size is not None:
+                img.thumbnail((size, size), Image.Resampling.LANCZOS)  # never enlarges
+            img.load()
+        except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
+            raise UnreadableImage("corrupt", str(exc)) from exc
+        return img
 
 
 def _image_from_array(arr: np.ndarray, limit: int) -> Image.Image:
