@@ -10,7 +10,7 @@ DEMO ?= $(OUT)/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo demo-build demo-check test venv clean
+.PHONY: demo demo-build demo-check test lint venv clean
 
 $(BIN)/imgsim: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -36,6 +36,14 @@ demo-check: demo-build
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Before every commit, and in CI: ruff's rule set and format, mypy, module and function sizes.
+LINTED := app indexer models tests benchmarks scripts
+lint: venv
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+	$(BIN)/python scripts/check_sizes.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

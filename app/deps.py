@@ -49,14 +49,9 @@ Jobs = Annotated[DuplicateJobs, Depends(_jobs)]
 
 def _key_matches(key: str | None, settings: ServiceSettings) -> bool:
     expected = settings.api_key
-    return (
-        bool(key)
-        and expected is not None
-        and secrets.compare_digest(
-            key.encode(),
-            expected.get_secret_value().encode(),  # type: ignore[union-attr]  # bool(key) above
-        )
-    )
+    if not key or expected is None:
+        return False
+    return secrets.compare_digest(key.encode(), expected.get_secret_value().encode())
 
 
 async def _is_admin(key: Annotated[str | None, Depends(api_key_header)], settings: Settings) -> bool:

@@ -15,7 +15,7 @@ from app.batching import Result
 from app.config import ServiceSettings
 from app.registry import LoadedModel, ModelRegistry
 from app.schemas import ClassScore, EnsembleVote, MemberAnswer, Prediction
-from app.uploads import VOTE_K, Stages, majority_label, neighbour_labels, run_images
+from app.uploads import VOTE_K, Neighbours, Stages, neighbour_labels, neighbour_vote, run_images
 from models.ensemble import majority_vote
 from models.errors import Conflict
 
@@ -36,7 +36,9 @@ def members(registry: ModelRegistry, settings: ServiceSettings) -> list[LoadedMo
     return chosen
 
 
-def vote(names: list[str], probs: list[np.ndarray], pooled_labels: list[str], top: int = 5) -> Prediction:
+def vote(
+    names: list[str], probs: list[np.ndarray], pooled: Neighbours, index_classes: list[str], top: int = 5
+) -> Prediction:
     """The soft vote as a Prediction; the neighbour vote pools every member's nearest images."""
     mean = np.mean(probs, axis=0)
     order = np.argsort(mean)[::-1][:top]
@@ -44,7 +46,7 @@ def vote(names: list[str], probs: list[np.ndarray], pooled_labels: list[str], to
         label=names[int(order[0])],
         probability=round(float(mean[order[0]]), 6),
         top=[ClassScore(label=names[int(i)], probability=round(float(mean[i]), 6)) for i in order],
-        neighbour_vote=majority_label(pooled_labels),
+        neighbour_vote=neighbour_vote(pooled, index_classes),
     )
 
 
@@ -59,11 +61,13 @@ async def classify(
     names = chosen[0].embedder.class_names
     probs = [r.probs for r in results]
     labels = [neighbour_labels(r) for r in results]
+    classes = results[0].context.manifest.dataset.class_names  # the members' indexes share them (members())
     answers = []
-    for m, r, near in zip(chosen, results, labels):
+    for m, r, near in zip(chosen, results, labels, strict=False):
         best = int(np.argmax(r.probs))
         answers.append(MemberAnswer(model=m.name, label=names[best], probability=round(float(r.probs[best]), 6),
-                                    neighbour_vote=majority_label(near)))  # fmt: skip
+                                    neighbour_vote=neighbour_vote(near, classes)))  # fmt: skip
     hard = names[int(majority_vote([p[None] for p in probs])[0])]
-    prediction = vote(names, probs, [n for near in labels for n in near])
+    pooled: Neighbours = ([n for near in labels for n in near[0]], [s for near in labels for s in near[1]])
+    prediction = vote(names, probs, pooled, classes)
     return prediction, EnsembleVote(members=answers, hard_vote=hard, soft_vote=prediction.label), runs[0][2], results[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -30,10 +31,8 @@ DECODE_NICENESS = 10  # CPU weight about a tenth of a normal thread's when the c
 
 def _lower_priority() -> None:
     """A decode thread yields the CPU to the event loop and the model calls (Linux: per thread)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not permitted or not Linux: normal priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
-    except (OSError, AttributeError):
-        pass  # not permitted or not Linux: decodes run at normal priority
 
 
 def decode_pool(workers: int) -> ThreadPoolExecutor:

@@ -14,6 +14,7 @@ with the process for good. Two measures, measured by ``benchmarks/worst_uploads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import threading
@@ -32,10 +33,8 @@ def use_large_image_blocks() -> None:
 
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 class RequestCounter:

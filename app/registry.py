@@ -18,10 +18,9 @@ from app.config import ModelPair, ServiceSettings
 from indexer.store import IndexStore
 from indexer.update import Changes, NewItem, apply_changes
 from indexer.versions import current_version
-from models.embedder import Embedder
+from models.encoders import ImageEncoder, open_encoder
 from models.errors import BadInput, Busy, NotFound, NotReady
-from models.inference import load_trained
-from models.manifests import ModelIdentity, ModelManifest, model_identity
+from models.manifests import ModelIdentity, ModelManifest
 
 log = logging.getLogger("imgsim.app")
 
@@ -29,7 +28,7 @@ log = logging.getLogger("imgsim.app")
 @dataclass
 class LoadedModel:
     name: str
-    embedder: Embedder
+    embedder: ImageEncoder
     store: IndexStore
     batcher: MicroBatcher
     index_dir: Path
@@ -39,7 +38,7 @@ class LoadedModel:
 
     @property
     def manifest(self) -> ModelManifest:
-        return self.embedder.trained.manifest
+        return self.embedder.manifest
 
     def run_batch(
         self, images: np.ndarray, k: int
@@ -134,13 +133,12 @@ class ModelRegistry:
         self.retire: Callable[[Callable[[], None]], None] | None = None  # set by the app (RequestCounter.retire)
 
     def load(self, pair: ModelPair) -> LoadedModel:
-        trained = load_trained(pair.model)
-        name = pair.name or trained.name
+        embedder = open_encoder(pair.model, runtime=self.settings.runtime, settings=self.settings)
+        name = pair.name or embedder.name
         if name in self.models:
             raise BadInput(f"two models are named {name!r}; give them distinct names")
-        identity = model_identity(trained.path, trained.manifest)
+        identity = embedder.identity
         store = IndexStore.open(pair.index, expect_model=identity, mmap=True)
-        embedder = Embedder(trained, runtime=self.settings.runtime, settings=self.settings)
         size = embedder.input_size
         embedder(np.zeros((1, size, size, 3), np.uint8))  # trace the graph before the first request
 
@@ -149,7 +147,7 @@ class ModelRegistry:
                 self.on_batch(name, n, seconds)
 
         s = self.settings
-        loaded = LoadedModel(name, embedder, store, None, pair.index, identity, self.retire)  # type: ignore[arg-type]
+        loaded = LoadedModel(name, embedder, store, None, pair.index, identity, self.retire)  # type: ignore[arg-type]  # the batcher is made next: it needs loaded.run_batch
         loaded.batcher = MicroBatcher(
             loaded.run_batch,
             s.max_batch_size,
@@ -166,7 +164,7 @@ class ModelRegistry:
         log.info(
             "loaded model %s (%s, %d px, runtime %s) with %d indexed images",
             name,
-            trained.manifest.backbone,
+            embedder.manifest.backbone,
             size,
             embedder.runtime,
             store.count(),
@@ -217,11 +215,13 @@ class ModelRegistry:
 
     async def _follow_active(self) -> None:
         """Replicas: adopt the active model another replica switched to."""
+        cluster = self.cluster
+        assert cluster is not None, "started only with a cluster"
         while True:
             try:
-                name = await asyncio.to_thread(self.cluster.active)  # type: ignore[union-attr]
+                name = await asyncio.to_thread(cluster.active)
                 if name is None and self._active is not None:
-                    await asyncio.to_thread(self.cluster.set_active, self._active)  # type: ignore[union-attr]
+                    await asyncio.to_thread(cluster.set_active, self._active)
                 elif name in self.models:
                     self._active = name
             except Exception as exc:  # noqa: BLE001 - keep serving with the active model we have

@@ -26,7 +26,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = 64 * 1024
     header_seconds = 10.0
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn passes a Transport; its base class types a BaseTransport
         super().connection_made(transport)
         self._header_bytes = 0
         self._awaiting_headers = True

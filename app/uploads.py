@@ -1,24 +1,28 @@
 """An uploaded image, from the multipart form to a micro-batcher's result.
 
 The form's fields are declared once here (FastAPI ``File``/``Form``, so Swagger documents
-them); every route that takes an image uses them.
+them); every route that takes an image uses them. Every option may also come as a query
+parameter (``curl -F file=@x.jpg 'host/v1/search?k=10'``): the same name with two different
+values is a 422, and so is a field or parameter the route does not take, never ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from fastapi import Depends, File, Form, Request, UploadFile
+import numpy as np
+from fastapi import Depends, File, Form, Query, Request, UploadFile
 
 from app.batching import Result
 from app.deps import Registry, Settings
 from app.imaging import check_content_type, decode_upload
 from app.registry import LoadedModel
+from indexer.metrics import knn_vote
 from models.errors import BadInput, Busy, TooLarge
 
 VOTE_K = 5  # neighbours that vote on a label
@@ -29,9 +33,9 @@ ImageFiles = Annotated[
 ]
 # A list of at most one, not a single UploadFile: with one, a second `file` part would silently win.
 OneImage = Annotated[list[UploadFile], File(min_length=1, max_length=1, description="The image (one `file` part)")]
-K = Annotated[
-    int, Form(ge=1, le=1024, description="How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5")
-]
+K_HELP = "How many results, 1..IMGSIM_MAX_K (100 unless configured); default 5"
+K = Annotated[int | None, Form(ge=1, le=1024, description=K_HELP)]
+KQuery = Annotated[int | None, Query(alias="k", ge=1, le=1024, description=K_HELP + " (or the form field)")]
 ModelName = Annotated[
     str | None, Form(max_length=200, description="Model name (default: the active model)", examples=[None])
 ]
@@ -41,6 +45,31 @@ MinScore = Annotated[
 Label = Annotated[
     str | None, Form(max_length=200, description="Only items with this label (none: an empty list)", examples=[None])
 ]
+ModelQuery = Annotated[str | None, Query(alias="model", max_length=200, description="Model name (or the form field)")]
+MinScoreQuery = Annotated[float | None, Query(alias="min_score", ge=-1.0, le=1.0, description="Or the form field")]
+LabelQuery = Annotated[str | None, Query(alias="label", max_length=200, description="Or the form field")]
+T = TypeVar("T")
+
+
+def either(name: str, form: T | None, query: T | None, default: T) -> T:
+    """An option given as a form field or a query parameter (both: they must agree)."""
+    if form is not None and query is not None and form != query:
+        raise BadInput(f"{name} is given as a form field ({form!r}) and a query parameter ({query!r}): send one")
+    return form if form is not None else query if query is not None else default
+
+
+def known_fields(*names: str) -> Callable[[Request], Awaitable[None]]:
+    """A dependency: 422 naming any form field or query parameter outside ``file`` and ``names``."""
+    allowed = {"file", *names}
+
+    async def check(request: Request) -> None:
+        form = await request.form()  # parsed once already, for the route's own fields
+        unknown = sorted((set(request.query_params) | set(form.keys())) - allowed)
+        if unknown:
+            takes = ", ".join(sorted(allowed))
+            raise BadInput(f"unknown field {', '.join(repr(u[:40]) for u in unknown[:5])}: this route takes {takes}")
+
+    return check
 
 
 @dataclass
@@ -52,16 +81,26 @@ class SearchForm:
     label: str | None
 
 
+def _merged(files: list[UploadFile], k: tuple[int | None, int | None], model: tuple[str | None, str | None],
+            min_score: tuple[float | None, float | None], label: tuple[str | None, str | None]) -> SearchForm:  # fmt: skip
+    return SearchForm(
+        files, either("k", k[0], k[1], 5), either("model", model[0], model[1], None),
+        either("min_score", min_score[0], min_score[1], None), either("label", label[0], label[1], None),
+    )  # fmt: skip
+
+
 async def _search_form(
-    file: ImageFiles, k: K = 5, model: ModelName = None, min_score: MinScore = None, label: Label = None
-) -> SearchForm:
-    return SearchForm(file, k, model, min_score, label)
+    file: ImageFiles, k: K = None, model: ModelName = None, min_score: MinScore = None, label: Label = None,
+    k_q: KQuery = None, model_q: ModelQuery = None, min_score_q: MinScoreQuery = None, label_q: LabelQuery = None,
+) -> SearchForm:  # fmt: skip
+    return _merged(file, (k, k_q), (model, model_q), (min_score, min_score_q), (label, label_q))
 
 
 async def _analyze_form(
-    file: OneImage, k: K = 5, model: ModelName = None, min_score: MinScore = None, label: Label = None
-) -> SearchForm:
-    return SearchForm(file, k, model, min_score, label)
+    file: OneImage, k: K = None, model: ModelName = None, min_score: MinScore = None, label: Label = None,
+    k_q: KQuery = None, model_q: ModelQuery = None, min_score_q: MinScoreQuery = None, label_q: LabelQuery = None,
+) -> SearchForm:  # fmt: skip
+    return _merged(file, (k, k_q), (model, model_q), (min_score, min_score_q), (label, label_q))
 
 
 Search = Annotated[SearchForm, Depends(_search_form)]
@@ -133,13 +172,21 @@ async def run_images(
     return loaded, list(results), stages
 
 
-def neighbour_labels(result: Result) -> list[str]:
-    """The labels of an answer's VOTE_K nearest indexed images, nearest first (unlabelled left out)."""
-    return [n for n in result.context.label_names([int(i) for i in result.ids[:VOTE_K] if i >= 0]) if n]
+Neighbours = tuple[list[str | None], list[float]]  # labels (None: unlabelled) and cosines, nearest first
 
 
-def majority_label(labels: list[str]) -> str | None:
-    """The most frequent label; ties go to the one that appears first (the nearer neighbour)."""
-    counts = Counter(labels)
-    best = max(counts.values(), default=0)
-    return next((n for n in labels if counts[n] == best), None)
+def neighbour_labels(result: Result) -> Neighbours:
+    """The labels and scores of an answer's VOTE_K nearest indexed images, nearest first."""
+    found = [(int(i), float(s)) for i, s in zip(result.ids[:VOTE_K], result.scores[:VOTE_K], strict=True) if i >= 0]
+    return result.context.label_names([i for i, _ in found]), [s for _, s in found]
+
+
+def neighbour_vote(neighbours: Neighbours, class_names: list[str]) -> str | None:
+    """The label the neighbours vote for, by the rule `imgsim evaluate` scores
+    (:func:`indexer.metrics.knn_vote`, docs/retrieval.md): most votes; a tie goes to the label
+    with the larger summed cosine. None when no neighbour is labelled."""
+    names, scores = neighbours
+    ids = np.array([[class_names.index(n) if n in class_names else -1 for n in names]], dtype=np.int64)
+    if not (ids >= 0).any():
+        return None
+    return class_names[int(knn_vote(ids, np.array([scores]), len(class_names), ids.shape[1])[0])]

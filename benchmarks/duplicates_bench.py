@@ -112,9 +112,9 @@ def time_50k() -> float:
     """Seconds to group every near-duplicate pair of 50,000 vectors, in the default mode (the
     range search down to the hash check's floor; these synthetic items have no images to hash,
     the time to hash one is measured on the real set)."""
-    from models.errors import Gone
     from indexer.duplicates import find_duplicates
     from indexer.faiss_index import l2_normalise
+    from models.errors import Gone
 
     rng = np.random.default_rng(1)
     centres = l2_normalise(rng.standard_normal((1000, 1024), dtype=np.float32))
@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=200)
     p.add_argument("--model", default="resnet50:128", help="backbone name or MODEL_DIR (default %(default)s)")
     p.add_argument("--phash-distance", type=int, default=8, help="pHash Hamming distance (default %(default)s)")
-    p.add_argument("--thresholds", default="0.8,0.85,0.9,0.95", help="thresholds to try besides the default, with and without the hash check")
+    p.add_argument(
+        "--thresholds",
+        default="0.8,0.85,0.9,0.95",
+        help="thresholds to try besides the default, with and without the hash check",
+    )
     p.add_argument("--seed", type=int, default=0, help="which originals and edits (default %(default)s)")
     p.add_argument("--false-pairs", type=Path, default=None, help="PNG of the default mode's groups with a false pair")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -168,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         truth = pairs_of([g for g in by_source.values() if len(g) > 1])
         build_index(Path(args.model), str(folder), Path(tmp) / "index", labels="none", progress=False)
         store = IndexStore.open(Path(tmp) / "index")
-        result = {"set": {"originals": args.originals, "copies": args.copies, "seed": args.seed, "true_pairs": len(truth)}}
+        result = {
+            "set": {"originals": args.originals, "copies": args.copies, "seed": args.seed, "true_pairs": len(truth)}
+        }
         for threshold in sorted({DEFAULT_THRESHOLD, *map(float, args.thresholds.split(","))}):
             groups = [g.keys for g in find_duplicates(store, threshold)]
             result[f"embedding@{threshold}"] = score(pairs_of(groups), truth)

@@ -46,7 +46,7 @@ def make_vectors(n: int, centres: np.ndarray, spread: float, rng: np.random.Gene
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=False))
     return round(hits / truth.size, 4)
 
 

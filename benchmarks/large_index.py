@@ -102,7 +102,7 @@ def measure(
             store.manifest.index_params["rerank"] = rerank  # both are search-time knobs
             store.search(queries[:50], K)  # warm the page cache as a running service would be
             _, found = store.search(queries, K)
-            recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+            recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=False)]))
             lat: dict[str, Any] = {}
             for threads in (1, 2):
                 faiss.omp_set_num_threads(threads)
@@ -113,8 +113,10 @@ def measure(
                     times.append(time.perf_counter() - t)
                 lat[f"{threads}_threads"] = latency_percentiles(times)
             rows[f"nprobe={nprobe},rerank={rerank}"] = {"recall_at_5": round(recall, 4), "latency": lat}
-            log(f"  nprobe {nprobe}, rerank {rerank}: recall@5 {recall:.4f}, p50 {lat['1_threads']['p50_ms']} ms, "
-                f"p99 {lat['1_threads']['p99_ms']} ms (1 thread)")
+            log(
+                f"  nprobe {nprobe}, rerank {rerank}: recall@5 {recall:.4f}, p50 {lat['1_threads']['p50_ms']} ms, "
+                f"p99 {lat['1_threads']['p99_ms']} ms (1 thread)"
+            )
     return rows
 
 

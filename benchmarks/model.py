@@ -74,7 +74,8 @@ def bench_model(model_dir: Path, images: list[tuple[str, bytes]], batch_sizes: l
 
     forward = {}
     for b in batch_sizes:
-        s = summarise(time_calls(lambda x=batch_of(b): embedder(x), **reps))
+        x = batch_of(b)
+        s = summarise(time_calls(lambda x=x: embedder(x), **reps))
         forward[str(b)] = {**s, "batch": b, "images_per_s": round(b / (s["median_ms"] / 1000.0), 2)}
         log(f"  batch {b:3d}: {s['median_ms']:9.2f} ms/batch  {forward[str(b)]['images_per_s']:8.1f} img/s")
     best = max(forward.values(), key=lambda s: s["images_per_s"])
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         reps, args.n_images = {"min_reps": 3, "max_reps": 10, "budget_s": 3.0}, min(args.n_images, 16)
     images = load_jpegs(args.images, args.n_images, args.data)
     models = [bench_model(m, images, parse_int_list(args.batch_sizes), **reps) for m in args.model]
-    for m, i in zip(models, args.index):
+    for m, i in zip(models, args.index, strict=False):
         m["faiss_search"] = bench_search(i, Path(m["model_dir"]))
     write_json(
         args.json, {"kind": "model", "images": {"source": args.images, **describe_images(images)}, "models": models}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -31,10 +32,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 def _replicas(url: str, n: int = 32) -> int:
     seen = set()
     for _ in range(n):
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             seen.add(httpx.get(f"{url}/readyz", timeout=5).headers.get("x-imgsim-process"))
-        except httpx.HTTPError:
-            pass
     return len(seen - {None})
 
 
@@ -46,7 +45,9 @@ def _level(svc: Service, payloads: list, c: int, args: argparse.Namespace) -> di
     wall = time.perf_counter() - start
     out = {"concurrency": c, "ok": len(r["ok"]), "errors": sum(v for k, v in r["statuses"].items() if k != 200),
            "ok_per_s": round(len(r["ok"]) / wall, 2), "latency_ok": latency_percentiles(r["ok"])}  # fmt: skip
-    log(f"  c={c}: {out['ok_per_s']} req/s, p50 {out['latency_ok'].get('p50_ms')} p99 {out['latency_ok'].get('p99_ms')} ms")
+    log(
+        f"  c={c}: {out['ok_per_s']} req/s, p50 {out['latency_ok'].get('p50_ms')} p99 {out['latency_ok'].get('p99_ms')} ms"
+    )
     return out
 
 

@@ -83,7 +83,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "regenerate": shlex.join(["python", "-m", "benchmarks.run_all", *sys.argv[1:]]),
     }  # fmt: skip
     start, steps, quick = time.perf_counter(), results["steps"], ["--quick"] if args.quick else []
-    pairs = list(zip(map(str, args.model), map(str, args.index)))
+    pairs = list(zip(map(str, args.model), map(str, args.index), strict=False))
     bare = [a for m, i in pairs for a in ("--model", m, "--index", i)] + ["--data", args.data, *quick]
     if "model" not in args.skip:
         steps["model"] = run_step("model", bare, args.step_timeout, TF)

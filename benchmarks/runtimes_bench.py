@@ -79,7 +79,7 @@ def bench_runtimes(model_dir: Path, images: list[tuple[str, bytes]], batches: li
             "check": e.runtime_record.check.model_dump() if e.runtime_record and e.runtime_record.check else None,
         }
     tf = out["runtimes"]["tf"]
-    for r, row in out["runtimes"].items():
+    for row in out["runtimes"].values():
         row["forward_ratio_vs_tf"] = round(row["best_batched"]["images_per_s"] / tf["best_batched"]["images_per_s"], 2)
         row["batch1_speedup_vs_tf"] = round(tf["batch1_ms"] / row["batch1_ms"], 2)
     return out

@@ -23,10 +23,10 @@ from indexer.store import write_index_files
 from indexer.vector_file import VECTORS_FILE, put_rows
 from indexer.versions import new_version, store_dir
 from models.data import Dataset, Item, SkipCounter
-from models.embedder import Embedder
+from models.encoders import describe, open_encoder
 from models.errors import ImgsimError
-from models.inference import TrainedModel, check_tta, load_trained, open_as_trained
-from models.manifests import IndexDataset, IndexManifest, model_identity, now_utc
+from models.inference import check_tta, open_as_trained
+from models.manifests import IndexDataset, IndexManifest, ModelIdentity, ModelManifest, now_utc
 from models.settings import Settings, get_settings
 
 INDEXED_SPLITS = ("train", "val")
@@ -62,7 +62,7 @@ def _describe(raw: bytes | np.ndarray | None) -> tuple[str, int | None, int | No
         with Image.open(io.BytesIO(raw)) as img:
             w, h = img.size
     except Exception:  # unreadable: the embedding pass skips and counts it
-        w = h = None
+        w, h = None, None
     return hashlib.sha256(raw).hexdigest(), w, h, raw
 
 
@@ -110,16 +110,16 @@ def build_index(
     if index_type is not None and index_type not in INDEX_TYPES:
         raise ImgsimError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     start = time.perf_counter()
-    trained = load_trained(model_dir)
-    dataset = _open_collection(trained, data, settings, val_fraction, seed, max_per_class, labels)
+    model = describe(model_dir, settings)  # the encoder's manifest and identity, nothing loaded yet
+    dataset = _open_collection(model[0], data, settings, val_fraction, seed, max_per_class, labels)
     items = dataset.select([s for s in INDEXED_SPLITS if s in dataset.splits()])
-    _choose_index(len(items), trained.manifest.embedding_dim, index_type, params, max_index_memory)  # fail early
+    _choose_index(len(items), model[0].embedding_dim, index_type, params, max_index_memory)  # fail early
     if engine is not None and engine.kind == "ray":
-        embedded, runtime, embed_seconds, nodes = _embed_on_ray(trained, dataset, items, engine, out, batch_size,
+        embedded, runtime, embed_seconds, nodes = _embed_on_ray(model, dataset, items, engine, out, batch_size,
                                                                 tta, settings, progress)  # fmt: skip
     else:
-        embedded, runtime, embed_seconds = _embed_here(trained, dataset, items, batch_size, settings, use_cache,
-                                                       progress, tta)  # fmt: skip
+        embedded, runtime, embed_seconds = _embed_here(str(model_dir), dataset, items, batch_size, settings,
+                                                       use_cache, progress, tta)  # fmt: skip
         nodes = {}
     # Archives and array sources cannot serve one image quickly, so their bytes are stored.
     store_bytes = dataset.kind != "folder"
@@ -131,7 +131,7 @@ def build_index(
     index = new_faiss_index(vectors.shape[1], index_type, params, vectors)
     index.add_with_ids(vectors, ids)
     spec = str(Path(data).resolve()) if Path(data).exists() else data
-    manifest = _manifest(trained, dataset, spec, index, index_type, params, embedded.path_taken, tta, store_bytes, ids)
+    manifest = _manifest(model, dataset, spec, index, index_type, params, embedded.path_taken, tta, store_bytes, ids)
     skipped = [(i.key, *dataset.file_stats.get(i.key, (None, None)), why) for i, why in embedded.skipped.skipped]
     exact = (ids, vectors) if index_type == "ivfpq" else None
     _write(out, [(*r[:2], spec, *r[3:]) for r in ordered], index, manifest, spec, skipped, exact)
@@ -140,7 +140,7 @@ def build_index(
 
 
 def _open_collection(
-    trained: TrainedModel,
+    manifest: ModelManifest,
     data: str,
     settings: Settings,
     val_fraction: float | None,
@@ -149,16 +149,14 @@ def _open_collection(
     labels: str,
 ) -> Dataset:
     """The collection, split as the model was trained (so its feature cache can be reused)."""
-    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
-    if dataset.labelled and trained.manifest.training and dataset.class_names != trained.manifest.class_names:
-        raise ImgsimError(
-            f"{data}: classes {dataset.class_names} differ from the model's {trained.manifest.class_names}"
-        )
+    dataset = open_as_trained(manifest, data, settings, val_fraction, seed, max_per_class, labels)
+    if dataset.labelled and manifest.training and dataset.class_names != manifest.class_names:
+        raise ImgsimError(f"{data}: classes {dataset.class_names} differ from the model's {manifest.class_names}")
     return dataset
 
 
 def _embed_here(
-    trained: TrainedModel,
+    spec: str,
     dataset: Dataset,
     items: Sequence[Item],
     batch_size: int,
@@ -168,7 +166,7 @@ def _embed_here(
     tta: str,
 ) -> tuple[Embedded, str, float]:
     """(embeddings, runtime, seconds) from this process, the graph traced outside the timing."""
-    embedder = Embedder(trained, settings=settings, collection=dataset)
+    embedder = open_encoder(spec, settings=settings, collection=dataset)
     embedder(np.zeros((1, embedder.input_size, embedder.input_size, 3), np.uint8))
     t0 = time.perf_counter()
     embedded = embed_split(embedder, dataset, items, batch_size, settings, use_cache, progress, tta)
@@ -200,7 +198,7 @@ def _choose_index(
 
 
 def _embed_on_ray(
-    trained: TrainedModel,
+    model: tuple[ModelManifest, ModelIdentity],
     dataset: Dataset,
     items: Sequence[Item],
     engine: Engine,
@@ -219,14 +217,19 @@ def _embed_on_ray(
     shards = store_dir(out) / f"shards-{os.getpid()}"
     try:
         keys, vectors, skipped, per_node = embed_on_ray(
-            str(trained.path), dataset, items, trained.manifest.input_size, shards=shards, address=engine.address,
+            model[1].path, dataset, items, model[0].input_size, shards=shards, address=engine.address,
             runtime=runtime, tta=tta, actors=engine.actors, cpus_per_actor=engine.cpus_per_actor, batch_size=batch_size, progress=progress,
         )  # fmt: skip
     finally:
         shutil.rmtree(shards, ignore_errors=True)
     label_of = {i.key: i.label for i in items}
     labels = np.array([label_of[k] for k in keys], dtype=np.int64)
-    return Embedded(keys, labels, vectors, np.zeros((len(keys), 0)), "full-model", skipped), runtime, time.perf_counter() - t0, per_node
+    return (
+        Embedded(keys, labels, vectors, np.zeros((len(keys), 0)), "full-model", skipped),
+        runtime,
+        time.perf_counter() - t0,
+        per_node,
+    )
 
 
 def _write(
@@ -252,7 +255,7 @@ def _write(
 
 
 def _manifest(
-    trained: TrainedModel,
+    model: tuple[ModelManifest, ModelIdentity],
     dataset: Dataset,
     spec: str,
     index: faiss.Index,
@@ -264,8 +267,8 @@ def _manifest(
     ids: np.ndarray,
 ) -> IndexManifest:
     return IndexManifest(
-        model=model_identity(trained.path, trained.manifest),
-        embedding_layer=trained.manifest.embedding_layer,
+        model=model[1],
+        embedding_layer=model[0].embedding_layer,
         embedding_dim=int(index.d),
         count=len(ids),
         next_id=int(ids.max()) + 1,
@@ -279,9 +282,9 @@ def _manifest(
             labels="folders" if dataset.labelled else "none",
             **dataset.options,
         ),
-        index_type=index_type,  # type: ignore[arg-type]
+        index_type=index_type,
         index_params=params,
         faiss_index=type(getattr(index, "index", index)).__name__,  # IVF is not inside an id map
         embedding_path=path_taken,
-        tta=tta,  # type: ignore[arg-type]
+        tta=tta,
     )

@@ -88,7 +88,7 @@ def _hashes(
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         hashes = pool.map(lambda i: _image_hash(store, i), missing)
         bar = tqdm(hashes, total=len(missing), unit="img", desc="hashing", disable=not progress)
-        for n, (item_id, h) in enumerate(zip(missing, bar), 1):
+        for n, (item_id, h) in enumerate(zip(missing, bar, strict=False), 1):
             cache[item_id] = h
             if on_progress is not None:
                 on_progress("hashing", n, len(missing))
@@ -104,7 +104,7 @@ def _chunk_pairs(
     """A range search's results as (row, row, cosine) arrays: every pair at or above the
     threshold, and below it only each query's BAND_NEIGHBOURS nearest (a copy is among an
     image's nearest; a fine-tuned model puts thousands of same-class images above the floor)."""
-    rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+    rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
     order = np.lexsort((-scores, rows))  # by query, nearest first
     rows, found, scores = rows[order], found[order], scores[order]
     rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position among the query's results
@@ -130,8 +130,9 @@ def _pairs(
     flat.add(vectors)
     best: dict[tuple[int, int], float] = {}
     for start in range(0, len(ids), chunk):
-        rows, found, scores = _chunk_pairs(*flat.range_search(vectors[start : start + chunk], floor), start, threshold)
-        for a, b, score in zip(rows.tolist(), found.tolist(), scores.tolist()):
+        lims, found_scores, found_ids = flat.range_search(vectors[start : start + chunk], floor)
+        rows, found, scores = _chunk_pairs(lims, found_scores, found_ids, start, threshold)
+        for a, b, score in zip(rows.tolist(), found.tolist(), scores.tolist(), strict=False):
             best[(min(a, b), max(a, b))] = score  # a pair found from both of its items counts once
         if max_pairs is not None and len(best) > max_pairs:
             raise BadInput(f"more than {max_pairs} pairs at cosine >= {threshold:g} in this index: raise the threshold")
@@ -195,7 +196,7 @@ def write_contact_sheet(store: IndexStore, groups: list[Group], out: Path, limit
     ]
     for n, g in enumerate(groups[:limit], 1):
         parts.append(f"<div class=g><b>group {n}</b>: {len(g.ids)} images, cosine up to {g.max_score:.4f}<br>")
-        for i, key in zip(g.ids, map(html.escape, g.keys)):
+        for i, key in zip(g.ids, map(html.escape, g.keys), strict=False):
             src = _thumbnail(store, i)
             parts.append(f"<figure><img src='{src}' alt=''><figcaption>#{i} {key}</figcaption></figure>")
         parts.append("</div>")

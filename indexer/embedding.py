@@ -11,15 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from models.data import Dataset, Item, SkipCounter
 from models.embed import stream_forward
-from models.embedder import Embedder
+from models.encoders import ImageEncoder
 from models.errors import ImgsimError
 from models.inference import check_tta, combine_views, mirrored_training_cache, training_cache
 from models.settings import Settings
+
+
+@runtime_checkable
+class CachedHead(ImageEncoder, Protocol):
+    """An encoder that can run its layers above the training cut on cached features (Keras)."""
+
+    def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -36,7 +44,7 @@ class Embedded:
 
 
 def embed_split(
-    embedder: Embedder,
+    embedder: ImageEncoder,
     dataset: Dataset,
     items: Sequence[Item],
     batch_size: int,
@@ -49,8 +57,8 @@ def embed_split(
     check_tta(tta)
     splits = sorted({i.split for i in items})
     # The cached features (TensorFlow fp32) win over any runtime: only the small head runs.
-    cache = training_cache(embedder.trained.manifest, dataset, splits, settings) if use_cache else None
-    if cache is not None:
+    cache = training_cache(embedder.manifest, dataset, splits, settings) if use_cache else None
+    if cache is not None and isinstance(embedder, CachedHead):
         return _from_cache(embedder, dataset, cache, splits, batch_size, settings, progress, tta)
     keys: list[str] = []
     labels, embs, probs = [], [], []
@@ -71,7 +79,7 @@ def embed_split(
 
 
 def _from_cache(
-    embedder: Embedder,
+    embedder: CachedHead,
     dataset: Dataset,
     cache: dict,
     splits: list[str],
@@ -98,7 +106,7 @@ def _from_cache(
     )
 
 
-def _head(embedder: Embedder, features: np.ndarray, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def _head(embedder: CachedHead, features: np.ndarray, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and probabilities from cached cut-layer features (only the upper layers run)."""
     from tqdm.auto import tqdm
 
@@ -110,7 +118,7 @@ def _head(embedder: Embedder, features: np.ndarray, progress: bool, desc: str) -
 
 
 def _mirrored_views(
-    embedder: Embedder,
+    embedder: CachedHead,
     dataset: Dataset,
     split: str,
     keys: list[str],
@@ -123,12 +131,12 @@ def _mirrored_views(
     From the training run's mirrored feature cache when it has this split (``--flip``
     training caches the training images), otherwise from the full model.
     """
-    cached = mirrored_training_cache(embedder.trained.manifest, dataset, split, settings)
+    cached = mirrored_training_cache(embedder.manifest, dataset, split, settings)
     if cached is not None and cached.keys == keys:
         e, p = _head(embedder, cached.x, progress, f"head on cached mirrored {split}")
         return e, p, f"{split}: cached mirrored features"
     wanted = {k: n for n, k in enumerate(keys)}
-    emb = np.zeros((len(keys), embedder.trained.manifest.embedding_dim), np.float32)
+    emb = np.zeros((len(keys), embedder.manifest.embedding_dim), np.float32)
     probs = np.zeros((len(keys), len(embedder.class_names)), np.float32)
     seen = 0
     items = [i for i in dataset.select(split) if i.key in wanted]

@@ -14,10 +14,9 @@ from indexer.embedding import embed_split
 from indexer.faiss_index import l2_normalise
 from indexer.metrics import average_precision_at_k, knn_vote, per_class, precision_at_k, relevance
 from indexer.store import IndexStore
-from models.embedder import Embedder
+from models.encoders import describe, open_encoder
 from models.errors import ImgsimError
-from models.inference import load_trained, open_as_trained
-from models.manifests import model_identity
+from models.inference import open_as_trained
 from models.settings import Settings, get_settings
 
 K_MAX = 10
@@ -31,7 +30,7 @@ def exact_recall_at_k(store: IndexStore, queries: np.ndarray, approx_ids: np.nda
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
     _, pos = flat.search(queries, k)
     exact = ids[pos]
-    hits = [len(set(a[:k]) & set(e)) for a, e in zip(approx_ids, exact)]
+    hits = [len(set(a[:k]) & set(e)) for a, e in zip(approx_ids, exact, strict=False)]
     return float(np.mean(hits)) / k
 
 
@@ -49,27 +48,27 @@ def evaluate(
     seed: int | None = None,
     max_per_class: int | None = None,
     labels: str = "auto",
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics dict (JSON-ready) and the raw per-query arrays (for plots)."""
     settings = settings or get_settings()
-    trained = load_trained(model_dir)
-    store = IndexStore.open(index_dir, expect_model=model_identity(trained.path, trained.manifest))
-    dataset = open_as_trained(trained.manifest, data, settings, val_fraction, seed, max_per_class, labels)
+    manifest, identity = describe(model_dir, settings)
+    store = IndexStore.open(index_dir, expect_model=identity)
+    dataset = open_as_trained(manifest, data, settings, val_fraction, seed, max_per_class, labels)
     if dataset.class_names != store.manifest.dataset.class_names:
         raise ImgsimError("the dataset's classes differ from the index's")
     if split not in dataset.splits():
         raise ImgsimError(f"{data} has no {split!r} split (has {', '.join(dataset.splits())})")
-    embedder = Embedder(trained, settings=settings)
+    embedder = open_encoder(model_dir, settings=settings)
     tta = store.manifest.tta  # queries are embedded as the index's items were
     embedded = embed_split(embedder, dataset, dataset.select(split), batch_size, settings, use_cache, progress, tta)
-    keys, labels = embedded.keys, embedded.labels
+    keys, truth = embedded.keys, embedded.labels
     queries = l2_normalise(embedded.vectors)
     t0 = time.perf_counter()
     scores, ids = store.search(queries, K_MAX)
     search_seconds = time.perf_counter() - t0
-    per_query = _per_query(store, labels, embedded.probs, scores, ids, len(dataset.class_names))
+    per_query = _per_query(store, truth, embedded.probs, scores, ids, len(dataset.class_names))
     result: dict[str, Any] = {
-        "model": trained.name,
+        "model": manifest.name,
         "index": str(Path(index_dir)),
         "index_type": store.manifest.index_type,
         "index_count": store.manifest.count,
@@ -80,13 +79,13 @@ def evaluate(
         "runtime": "tf" if embedded.path_taken == "cached-features" else embedder.runtime,
         "tta": tta,
         "search_seconds": round(search_seconds, 3),
-        "per_class": per_class(per_query, labels, dataset.class_names),
+        "per_class": per_class(per_query, truth, dataset.class_names),
     }
     if store.manifest.index_type != "flat":
         result["recall_at_5_vs_exact"] = round(exact_recall_at_k(store, queries, ids, 5), 4)
-    raw = {
+    raw: dict[str, Any] = {
         "keys": np.array(keys),
-        "labels": labels,
+        "labels": truth,
         "ids": ids,
         "scores": scores,
         "class_names": dataset.class_names,
@@ -165,7 +164,7 @@ def plot_queries(raw: dict[str, Any], index_dir: Path, path: Path, n: int = 6, s
         axes[row][0].imshow(img.convert("RGB"))
         axes[row][0].set_title(f"query: {names[raw['labels'][by_key[key]]]}", fontsize=8, color="blue")
         rows = store.rows(raw["ids"][p][:5].tolist())
-        for j, (item_id, score) in enumerate(zip(raw["ids"][p][:5], raw["scores"][p][:5])):
+        for j, (item_id, score) in enumerate(zip(raw["ids"][p][:5], raw["scores"][p][:5], strict=False)):
             ax = axes[row][j + 1]
             if item_id >= 0:
                 ax.imshow(load_item_image(store, int(item_id)).convert("RGB"))

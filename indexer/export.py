@@ -25,7 +25,7 @@ def export_index(index_dir: Path, out: Path) -> int:
         rows = {int(i): store.item(int(i)) for i in ids}
         columns = {c: np.array([str(rows[int(i)].get(c) or "") for i in ids]) for c in COLUMNS}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, ids=ids, vectors=vectors, **columns)
+        np.savez(out, ids=ids, vectors=vectors, **columns)  # type: ignore[arg-type]  # numpy's stub: **arrays vs allow_pickle
         return len(ids)
     finally:
         store.close()

@@ -9,18 +9,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from models.encoders.registry import l2_normalise  # noqa: F401 - re-exported: the index's unit-length rows
 from models.errors import ImgsimError
 
 INDEX_TYPES = ("flat", "hnsw", "hnsw-fp16", "ivf", "ivfpq")
 TRAIN_PER_LIST = 64  # training vectors per IVF list (FAISS uses at most 256; more costs time, not recall)
 HNSW_TYPES = ("hnsw", "hnsw-fp16")  # graphs that cannot delete: deletions are filtered until compaction
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous for FAISS."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def new_faiss_index(dim: int, index_type: str, params: dict[str, int], train_vectors: np.ndarray) -> faiss.Index:

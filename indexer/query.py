@@ -69,7 +69,7 @@ def search(
         scores, ids = _filtered(store, query, want, allowed)
     else:
         scores, ids = store.search(query, want)
-    hits = [Hit(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude]
+    hits = [Hit(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=False) if i >= 0 and i != exclude]
     if min_score is not None:
         hits = [h for h in hits if h.score >= min_score]
     return hits[:k]
@@ -77,5 +77,5 @@ def search(
 
 def hits_from_result(scores: np.ndarray, ids: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
     """The hits of an unfiltered search the micro-batcher already ran, with the cut-off applied."""
-    hits = [Hit(int(i), float(s)) for s, i in zip(scores, ids) if i >= 0]
+    hits = [Hit(int(i), float(s)) for s, i in zip(scores, ids, strict=False) if i >= 0]
     return [h for h in hits if min_score is None or h.score >= min_score][:k]

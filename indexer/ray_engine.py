@@ -73,11 +73,13 @@ def _decode_block(batch: dict[str, np.ndarray], reader: Any, size: int) -> dict[
 
     from models.embed import decoded_batches
 
-    items = [Item(str(k), int(lab), str(s)) for k, lab, s in zip(batch["key"], batch["label"], batch["split"])]
+    items = [
+        Item(str(k), int(lab), str(s)) for k, lab, s in zip(batch["key"], batch["label"], batch["split"], strict=False)
+    ]
     skipped = SkipCounter()
     good: dict[str, np.ndarray] = {}
     for got, images in decoded_batches(reader, items, size, len(items) or 1, skipped, workers=1):
-        good.update(zip((i.key for i in got), images))
+        good.update(zip((i.key for i in got), images, strict=False))
     reasons = {i.key: why for i, why in skipped.skipped}
     blank = np.zeros((size, size, 3), np.uint8)
     return {
@@ -98,17 +100,16 @@ class EmbedActor:
         tf.config.threading.set_inter_op_parallelism_threads(1)
         import ray
 
-        from models.embedder import Embedder
-        from models.inference import load_trained
+        from models.encoders import open_encoder
 
-        self.embedder = Embedder(load_trained(model), runtime=runtime)
+        self.embedder = open_encoder(model, runtime=runtime)
         self.tta = tta
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["reason"] == ""
         n = len(batch["key"])
-        vectors = np.zeros((n, self.embedder.trained.manifest.embedding_dim), np.float32)
+        vectors = np.zeros((n, self.embedder.manifest.embedding_dim), np.float32)
         if ok.any():
             vectors[ok] = self.embedder.embed(batch["image"][ok], self.tta)[0]
         out = {k: v for k, v in batch.items() if k != "image"}
@@ -183,12 +184,14 @@ def _run(
     return _collect(ds, items, shards)
 
 
-def _collect(ds: Any, items: Sequence[Item], shards: Path) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, tuple[int, int]]]:
+def _collect(
+    ds: Any, items: Sequence[Item], shards: Path
+) -> tuple[list[str], np.ndarray, SkipCounter, dict[str, tuple[int, int]]]:
     """Write the results as shards, then read them back checked: every item exactly once."""
     shards.mkdir(parents=True, exist_ok=True)
     for n, batch in enumerate(ds.iter_batches(batch_size=4096, batch_format="numpy")):
-        np.savez(shards / f"shard-{n:06d}.npz", **{k: np.asarray(v, dtype=str if v.dtype == object else None)
-                                                   for k, v in batch.items()})  # fmt: skip
+        arrays = {k: np.asarray(v, dtype=str if v.dtype == object else None) for k, v in batch.items()}
+        np.savez(shards / f"shard-{n:06d}.npz", **arrays)  # type: ignore[arg-type]  # stub: **arrays vs allow_pickle
     keys: list[str] = []
     vectors, reasons, decoded_on, embedded_on = [], [], [], []
     for path in sorted(shards.glob("shard-*.npz")):

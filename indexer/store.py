@@ -52,7 +52,7 @@ class IndexStore:
 
     def __init__(self, path: Path, index: faiss.Index, manifest: IndexManifest) -> None:
         self.path = Path(path)
-        self.index = index
+        self.index = index  # None once released (FAISS is untyped: Any)
         self.manifest = manifest
         self._db = sqlite3.connect(self.path / ITEMS_FILE, check_same_thread=False)
         self._names: dict[int, tuple[str | None, str]] | None = None
@@ -116,7 +116,7 @@ class IndexStore:
         """Close it and free its FAISS index now, not when the last reference goes: the
         service's replaced versions (which a stray reference could keep in memory)."""
         self.close()
-        self.index = None  # type: ignore[assignment]  # released: no method may be called after this
+        self.index = None  # released: no method may be called after this
         self._names = None
 
     def set_dead(self, ids: np.ndarray) -> None:
@@ -156,7 +156,8 @@ class IndexStore:
         if not factor:
             return self.index.search(queries, k, params=params or self._search_params)
         _, candidates = self.index.search(queries, min(k * factor, self.size), params=params)
-        return rerank(self.vectors, queries, candidates, k)  # type: ignore[arg-type]
+        assert self.vectors is not None, "ivfpq indexes have their vector file"
+        return rerank(self.vectors, queries, candidates, k)
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of existing ids (from the vector file of a compressed index)."""
@@ -232,7 +233,7 @@ class IndexStore:
         row = cur.fetchone()
         if row is None:
             raise KeyError(item_id)
-        return {d[0]: v for d, v in zip(cur.description, row) if d[0] != "image"}
+        return {d[0]: v for d, v in zip(cur.description, row, strict=False) if d[0] != "image"}
 
     def vector(self, item_id: int) -> np.ndarray:
         """The stored (normalised) vector of an item, with no forward pass."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _plan(dataset: Dataset, items: list[Item], stored: dict, skipped: dict) -> P
     for item in items:
         row = stored.get(item.key)
         stat = dataset.file_stats.get(item.key)
-        if row and stat and (row[1], row[2]) == stat:
+        if row and stat is not None and (row[1], row[2]) == stat:
             plan.unchanged += 1
             continue
         if not row and item.key in skipped:
@@ -95,7 +96,8 @@ def _plan(dataset: Dataset, items: list[Item], stored: dict, skipped: dict) -> P
             plan.hashes[item.key] = sha
             if sha == row[3]:
                 plan.unchanged += 1
-                plan.stats[row[0]] = stat
+                if stat is not None:
+                    plan.stats[row[0]] = stat
                 continue
             plan.changed.append(row[0])
         plan.embed.append(item)
@@ -125,10 +127,9 @@ def sync_index(
     new: list[NewItem] = []
     unreadable: list[tuple] = []
     if plan.embed:
-        from models.embedder import Embedder  # TensorFlow only when there is something to embed
-        from models.inference import load_trained
+        from models.encoders import open_encoder  # the network is loaded only when there is something to embed
 
-        embedder = Embedder(load_trained(Path(m.model.path)))
+        embedder = open_encoder(m.model.path)
         new, unreadable = _embed(embedder, dataset, plan.embed, m.tta, plan.hashes, progress)
         report.skipped += len(unreadable)
     remove = plan.vanished + plan.changed
@@ -148,7 +149,7 @@ def _embed(embedder, dataset: Dataset, items: list[Item], tta: str, hashes: dict
     batches = stream_forward(lambda b: embedder.embed(b, tta), reader, items, embedder.input_size, 32, skipped,
                              progress, desc="sync")  # fmt: skip
     for batch_items, (emb, _) in batches:
-        for item, vector in zip(batch_items, emb):
+        for item, vector in zip(batch_items, emb, strict=False):
             sha = hashes[item.key]
             size, mtime = dataset.file_stats[item.key]
             name = dataset.class_names[item.label] if item.label >= 0 else None
@@ -164,7 +165,7 @@ class _Hashing:
     def __init__(self, dataset: Dataset, hashes: dict[str, str]) -> None:
         self.dataset, self.hashes = dataset, hashes
 
-    def iter_raw(self, items: list[Item]):
+    def iter_raw(self, items: Sequence[Item]) -> Iterator[tuple[Item, bytes | np.ndarray | None]]:
         for item, raw in self.dataset.iter_raw(items):
             if isinstance(raw, bytes):
                 self.hashes[item.key] = hashlib.sha256(raw).hexdigest()

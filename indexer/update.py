@@ -18,10 +18,9 @@ from indexer.vector_file import VECTORS_FILE, put_rows
 from indexer.versions import new_version
 from models.data import Item, SkipCounter
 from models.embed import stream_forward
-from models.embedder import Embedder
+from models.encoders import ImageEncoder, open_encoder
 from models.errors import BadInput, NotFound
-from models.inference import load_trained
-from models.manifests import model_identity, now_utc
+from models.manifests import now_utc
 
 # An HNSW graph keeps deleted items (filtered out of searches) until they exceed this share of
 # it; then the next removal rebuilds it from the live vectors. Searches stay exact about what
@@ -95,7 +94,7 @@ def apply_changes(
             out.removed = sorted(present)
             _remove(store, out.removed)
             known = store.existing_hash_ids([a.sha256 for a in add]) if dedupe else {}
-            fresh = []
+            fresh: list[NewItem] = []
             for item in add:
                 if item.sha256 in known:
                     out.duplicates[item.sha256] = known[item.sha256]
@@ -128,7 +127,7 @@ def _add(store: IndexStore, tmp: Path, fresh: list[NewItem]) -> list[int]:
     store.index.add_with_ids(vectors, ids)
     if store.vectors is not None:
         put_rows(tmp / VECTORS_FILE, ids, vectors, m.next_id + len(fresh))
-    insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids)])
+    insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids, strict=False)])
     m.next_id += len(fresh)
     return ids.tolist()
 
@@ -164,7 +163,9 @@ def _files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _embed_files(embedder: Embedder, files: list[Path], tta: str, progress: bool) -> tuple[list[Path], np.ndarray, int]:
+def _embed_files(
+    embedder: ImageEncoder, files: list[Path], tta: str, progress: bool
+) -> tuple[list[Path], np.ndarray, int]:
     """(files that could be read, their embeddings, how many were skipped)."""
     folder = _FileList(files)
     skipped = SkipCounter()
@@ -200,8 +201,8 @@ def add_images(
     """Embed image files and append them; exact duplicates (same bytes) are skipped."""
     with closing(IndexStore.open(index_dir)) as store:
         manifest = store.manifest
-        trained = load_trained(Path(manifest.model.path))
-        store.check(model_identity(trained.path, trained.manifest))
+        encoder = open_encoder(manifest.model.path)
+        store.check(encoder.identity)
         class_names = manifest.dataset.class_names
         if label is not None and label not in class_names:
             raise BadInput(f"unknown label {label!r}; the index's classes are: {', '.join(class_names)}")
@@ -211,10 +212,10 @@ def add_images(
     fresh = {h: f for f, h in reversed(hashes.items()) if h not in known}  # the first file of equal ones
     if not fresh:
         return AddReport(0, len(files), 0, manifest.count)
-    read, vectors, skipped = _embed_files(Embedder(trained), sorted(fresh.values()), manifest.tta, progress)
+    read, vectors, skipped = _embed_files(encoder, sorted(fresh.values()), manifest.tta, progress)
     label_id = class_names.index(label) if label is not None else -1
     items = []
-    for f, vector in zip(read, vectors):
+    for f, vector in zip(read, vectors, strict=False):
         with Image.open(f) as img:
             w, h = img.size
         st = f.stat()

@@ -48,7 +48,7 @@ def get_spec(name: str) -> BackboneSpec:
         raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_SPECS)}") from None
 
 
-def preprocess(batch: np.ndarray, mode: Preprocessing) -> np.ndarray:
+def preprocess(batch: np.ndarray, mode: Preprocessing | str) -> np.ndarray:
     """uint8 RGB (N, H, W, 3) -> float32 network input; same maths as Keras' preprocess_input."""
     x = np.asarray(batch, dtype=np.float32)
     if mode == "raw":  # the model rescales its uint8-range input itself (simple-cnn)

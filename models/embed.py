@@ -16,11 +16,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
-from models.data import Dataset, Item, SkipCounter, UnreadableImage, decode_image
+from models.data import Item, SkipCounter, UnreadableImage, decode_image
+
+
+class Payloads(Protocol):
+    """What the embedding loops read images from: a Dataset, or a list of loose files."""
+
+    def iter_raw(self, items: Sequence[Item]) -> Iterator[tuple[Item, bytes | np.ndarray | None]]: ...
+
 
 T = TypeVar("T")
 
@@ -68,13 +75,13 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
                 return
             if isinstance(value, BaseException):
                 raise value
-            yield value  # type: ignore[misc]
+            yield value  # type: ignore[misc]  # the queue holds T or the exception that ended the producer
     finally:
         stop.set()
 
 
 def decoded_batches(
-    dataset: Dataset,
+    dataset: Payloads,
     items: Sequence[Item],
     size: int,
     batch_size: int,
@@ -95,7 +102,7 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgsim-decode") as pool:
         raw_iter = dataset.iter_raw(items)
         while True:
-            chunk = [pair for _, pair in zip(range(batch_size), raw_iter)]
+            chunk = [pair for _, pair in zip(range(batch_size), raw_iter, strict=False)]
             if not chunk:
                 return
             good_items, arrays = [], []
@@ -126,7 +133,7 @@ class Embeddings:
 
 def stream_forward(
     forward: Callable[[np.ndarray], T],
-    dataset: Dataset,
+    dataset: Payloads,
     items: Sequence[Item],
     size: int,
     batch_size: int,
@@ -146,7 +153,7 @@ def stream_forward(
 
 def embed_items(
     forward: Callable[[np.ndarray], np.ndarray],
-    dataset: Dataset,
+    dataset: Payloads,
     items: Sequence[Item],
     size: int,
     batch_size: int,

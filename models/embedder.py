@@ -16,8 +16,9 @@ from models import openvino_runtime
 from models.architecture import split_model
 from models.backbones import preprocess
 from models.data import Dataset
+from models.encoders.registry import l2_normalise
 from models.inference import TrainedModel, check_tta, combine_views, model_samples
-from models.manifests import model_identity
+from models.manifests import ModelManifest, model_identity
 from models.runtimes import Runtime, first_available
 from models.settings import Settings, get_settings
 
@@ -60,7 +61,8 @@ class FrozenForward:
 
 
 class Embedder:
-    """One forward pass -> (penultimate-layer embedding, class probabilities).
+    """One forward pass -> (penultimate-layer embedding, class probabilities): the Keras
+    :class:`~models.encoders.ImageEncoder` (models/encoders/keras_encoder.py).
 
     The indexer and the service both need the 1024-d embedding and the softmax output of
     the same image; a two-output model gives both from a single call.
@@ -78,6 +80,8 @@ class Embedder:
         settings = settings or get_settings()
         m = trained.manifest
         self.trained = trained
+        self.name = trained.name
+        self.identity = model_identity(trained.path, m)
         self.settings = settings
         self.collection = collection
         self.input_size: int = m.input_size
@@ -102,14 +106,18 @@ class Embedder:
             runtime or settings.runtime, self._build, f"model {trained.name}", gpu=gpu_visible()
         )
 
+    @property
+    def manifest(self) -> ModelManifest:
+        return self.trained.manifest
+
     def _build(self, runtime: Runtime) -> Any:
         """The forward function of ``runtime`` (raises RuntimeUnavailable to fall back)."""
         if runtime == "tf":
             return FrozenForward(self._tf_forward) if self.frozen else self._tf_forward
-        identity = model_identity(self.trained.path, self.trained.manifest)
-        root = openvino_runtime.cache_root(self.trained.path, identity.model_sha256, self.settings.cache_dir)
+        sha = self.identity.model_sha256
+        root = openvino_runtime.cache_root(self.trained.path, sha, self.settings.cache_dir)
         forward, self.runtime_record = openvino_runtime.load(
-            runtime, root, identity.model_sha256, self.input_size, self._tf_forward,
+            runtime, root, sha, self.input_size, self._tf_forward,
             partial(preprocess, mode=self.preprocessing), model_samples(self.trained.manifest, self.settings, self.collection),
         )  # fmt: skip
         return forward
@@ -125,13 +133,16 @@ class Embedder:
         return emb, np.asarray(outs[1]).astype(np.float32, copy=False)
 
     def embed(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        """As ``__call__``; with ``tta="flip"`` each image and its mirror image go through one
-        call (a batch twice as large) and their outputs are combined (``combine_views``)."""
+        """As ``__call__``, the embeddings L2-normalised; with ``tta="flip"`` each image and its
+        mirror image go through one call (a batch twice as large) and their outputs are
+        combined (``combine_views``)."""
         if check_tta(tta) == "none":
-            return self(batch)
+            emb, probs = self(batch)
+            return l2_normalise(emb), probs
         n = len(batch)
         emb, probs = self(np.concatenate([batch, batch[:, :, ::-1]]))
-        return combine_views(emb[:n], emb[n:], probs[:n], probs[n:])
+        emb, probs = combine_views(emb[:n], emb[n:], probs[:n], probs[n:])
+        return l2_normalise(emb), probs
 
     def head_from_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Same outputs from cached cut-layer features (frozen models: only the head runs, in TensorFlow)."""

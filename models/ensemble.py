@@ -57,8 +57,8 @@ def evaluate_ensemble(
         idx = np.array([pos[k] for k in common])
         aligned.append((labels[idx], probs[idx]))
     labels = aligned[0][0]
-    probs = [p for _, p in aligned]
-    hard, soft = majority_vote(probs), soft_vote(probs)
+    member_probs = [p for _, p in aligned]
+    hard, soft = majority_vote(member_probs), soft_vote(member_probs)
     results.update(
         count=len(common),
         ensemble_accuracy=float((hard == labels).mean()),

@@ -108,7 +108,7 @@ def build_cache(
         meta: dict[str, object] = {"describe": describe or {}, "splits": {}}
         for split in splits:
             items = dataset.select(split)
-            array: np.ndarray | None = None
+            array: np.memmap | None = None
             keys: list[str] = []
             labels: list[int] = []
             for batch_items, out in stream_forward(
@@ -127,7 +127,7 @@ def build_cache(
                 del array
             if keys:
                 np.save(tmp / f"{split}_labels.npy", np.array(labels, dtype=np.int64))
-                meta["splits"][split] = {"count": len(keys), "keys": keys}  # type: ignore[index]
+                meta["splits"][split] = {"count": len(keys), "keys": keys}  # type: ignore[index]  # meta["splits"] is the dict made above
         (tmp / "meta.json").write_text(json.dumps(meta))
         if directory.exists():
             shutil.rmtree(directory)

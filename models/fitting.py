@@ -130,7 +130,7 @@ def _trainable_copy(arch: Architecture, opts: TrainOptions, n_classes: int, sett
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        twin = build_architecture(opts.backbone, opts.input_size, n_classes, opts.trainable, opts.dropout, settings)  # type: ignore[arg-type]
+        twin = build_architecture(opts.backbone, opts.input_size, n_classes, opts.trainable, opts.dropout, settings)  # type: ignore[arg-type]  # trainable was checked against its choices by TrainOptions
     finally:
         keras.config.set_dtype_policy(previous)
     twin.model.set_weights(arch.model.get_weights())

@@ -45,7 +45,7 @@ def load_trained(model_dir: Path | str) -> TrainedModel:
 
     if parsed := parse_spec(model_dir):
         return TrainedModel(Path(str(model_dir)), build_pretrained(*parsed), pretrained_manifest(*parsed))
-    manifest = read_model_manifest(model_dir)
+    manifest = read_model_manifest(Path(model_dir))
     file = Path(model_dir) / MODEL_FILE
     if not file.is_file():
         raise ImgsimError(f"{file} is missing: the model directory is incomplete")
@@ -83,7 +83,7 @@ def training_cache(
     They apply only to the very dataset the model was trained on (same fingerprint, so the
     same files, split and cap) and only when the cache still holds every requested split.
     """
-    if not manifest.feature_cache or manifest.dataset.fingerprint != dataset.fingerprint:
+    if not manifest.feature_cache or not manifest.dataset or manifest.dataset.fingerprint != dataset.fingerprint:
         return None
     cache = load_cache(settings.cache_dir / "features" / manifest.feature_cache)
     if cache is None or not all(s in cache for s in splits):
@@ -99,7 +99,7 @@ def mirrored_training_cache(
     ``imgsim train --flip`` caches the mirrored training images; flip test-time
     augmentation reuses them instead of running the lower network again.
     """
-    if not manifest.feature_cache or manifest.dataset.fingerprint != dataset.fingerprint:
+    if not manifest.feature_cache or not manifest.dataset or manifest.dataset.fingerprint != dataset.fingerprint:
         return None
     key = features_key(
         backbone=manifest.backbone,
@@ -147,9 +147,7 @@ def predict_split(
     settings = settings or get_settings()
     m = trained.manifest
     if dataset.class_names != m.class_names:
-        raise ImgsimError(
-            f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m['class_names']}"
-        )
+        raise ImgsimError(f"dataset classes {dataset.class_names} differ from model {trained.name}'s {m.class_names}")
     cache = training_cache(m, dataset, [split], settings)
     if cache is not None:
         _, upper = split_model(trained.model, m.cut_layer)

@@ -22,61 +22,39 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.manifests import _Record, file_digest, now_utc
+from models.manifests import file_digest, now_utc
+from models.runtime_records import CACHE_FORMAT, Calibration, QualityCheck, RuntimeCache, quality_check
 from models.runtimes import RuntimeUnavailable
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # part of every cache key: a new recipe converts afresh
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; the issue allows "a few hundred"
 CHECK_IMAGES = 128
-QUALITY_BARS = {"bf16": 0.995, "int8": 0.98}  # mean cosine to TensorFlow fp32 embeddings
 PRECISION_HINT = {"bf16": "bf16", "int8": "bf16"}  # int8 layers run int8; the rest in bf16
 
 # ("calibration" | "check", n) -> (uint8 images, their keys, their data) or None if unreadable here.
 Samples = Callable[[str, int], tuple[np.ndarray, list[str], str] | None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``ov.convert_model`` reads: a TensorFlow function or a model file (ONNX), and the
+    input shape it is given (batch dimension -1)."""
+
+    model: Any
+    input_shape: tuple[int, ...]
+
+
 # ov.convert_model sets the root logger to ERROR while it runs and then restores the level it
 # found: two conversions at once left it at ERROR, silencing every warning of the process.
 _CONVERT_LOCK = threading.Lock()
-
-
-class Calibration(_Record):
-    data: str
-    images: int
-    keys: list[str]
-
-
-class QualityCheck(_Record):
-    data: str
-    images: int
-    mean_cosine: float
-    min_cosine: float
-    top1_agreement: float | None = None
-    bar: float
-    passed: bool
-
-
-class RuntimeCache(_Record):
-    """``meta.json`` of one cached conversion."""
-
-    format: int = CACHE_FORMAT
-    runtime: str
-    key: str
-    openvino: str
-    nncf: str | None = None
-    model_sha256: str
-    input_size: int
-    files: dict[str, str]  # name -> sha256
-    calibration: Calibration | None = None
-    check: QualityCheck | None = None
-    convert_seconds: float
-    created: str
 
 
 def _version(package: str) -> str | None:
@@ -125,27 +103,6 @@ def read_cache(folder: Path, key: str) -> RuntimeCache | None:
     return meta
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    return np.sum(unit(a) * unit(b), axis=1)
-
-
-def quality_check(runtime: str, ours: list[np.ndarray], reference: list[np.ndarray], data: str) -> QualityCheck:
-    """Embeddings (output 0) and, with a classifier, top-1 classes (output 1) against fp32."""
-    cos = _cosines(ours[0], reference[0])
-    agree = float(np.mean(ours[1].argmax(1) == reference[1].argmax(1))) if len(ours) > 1 else None
-    bar = QUALITY_BARS[runtime]
-    return QualityCheck(
-        data=data,
-        images=len(cos),
-        mean_cosine=round(float(cos.mean()), 6),
-        min_cosine=round(float(cos.min()), 6),
-        top1_agreement=agree,
-        bar=bar,
-        passed=bool(cos.mean() >= bar),
-    )
-
-
 class OpenVinoForward:
     """A compiled OpenVINO model called like the TensorFlow forward: batch -> list of outputs.
 
@@ -166,7 +123,8 @@ class OpenVinoForward:
         return [np.array(request.get_output_tensor(i).data) for i in range(self.outputs)]
 
 
-def _openvino() -> Any:
+def openvino() -> Any:
+    """The openvino module, or RuntimeUnavailable saying how to install it."""
     try:
         import openvino
     except ImportError as exc:
@@ -203,7 +161,7 @@ def _quantize(model: Any, samples: Samples, prepare: Callable[[np.ndarray], np.n
 
 
 def compile_forward(xml: Path, runtime: str) -> OpenVinoForward:
-    ov = _openvino()
+    ov = openvino()
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINT[runtime]})
     return OpenVinoForward(compiled)
 
@@ -230,18 +188,21 @@ def _check(
 def convert(
     runtime: str, folder: Path, key: str, model_sha256: str, input_size: int,
     reference: Callable[[np.ndarray], Any], prepare: Callable[[np.ndarray], np.ndarray], samples: Samples,
+    source: Source | None = None,
 ) -> tuple[RuntimeCache, OpenVinoForward]:  # fmt: skip
-    """Convert (and for int8 quantise) the TensorFlow forward, check it, store it in ``folder``.
+    """Convert (and for int8 quantise) ``source`` (default: the TensorFlow forward ``reference``,
+    NHWC input), check it against ``reference``, store it in ``folder``.
 
     Written to a temporary folder and renamed into place, so a crash or a concurrent
     conversion never leaves a half-written one behind. The forward returned was compiled
     before the rename: a concurrent conversion replacing the folder cannot pull it away.
     """
-    ov = _openvino()
+    ov = openvino()
     start = time.perf_counter()
     log.warning("converting the model for runtime %s (once; cached in %s)", runtime, folder)
+    source = source or Source(reference, (-1, input_size, input_size, 3))
     with _CONVERT_LOCK:
-        model = ov.convert_model(reference, input=[(-1, input_size, input_size, 3)])
+        model = ov.convert_model(source.model, input=[source.input_shape])
     # Stateful layers (random augmentation, seed generators) leave scalar outputs in the graph.
     batched = [o for o in model.outputs if o.get_partial_shape().rank.get_length() > 0]
     if len(batched) < len(model.outputs):
@@ -269,10 +230,8 @@ def convert(
         (tmp / "meta.json").write_text(meta.model_dump_json(indent=1))
         for old in folder.parent.glob(f"{runtime}-*"):  # older keys and a corrupt copy of this one
             shutil.rmtree(old, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):  # another process stored the same conversion first
             os.rename(tmp, folder)
-        except OSError:  # another process stored the same conversion first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta, forward
@@ -281,6 +240,7 @@ def convert(
 def load(
     runtime: str, root: Path, model_sha256: str, input_size: int,
     reference: Callable[[np.ndarray], Any], prepare: Callable[[np.ndarray], np.ndarray], samples: Samples,
+    source: Source | None = None,
 ) -> tuple[OpenVinoForward, RuntimeCache]:  # fmt: skip
     """The runtime's forward from the cache (converting on first use) and its record.
 
@@ -290,7 +250,7 @@ def load(
     folder = root / f"{runtime}-{key}"
     meta, forward = read_cache(folder, key), None
     if meta is None:
-        meta, forward = convert(runtime, folder, key, model_sha256, input_size, reference, prepare, samples)
+        meta, forward = convert(runtime, folder, key, model_sha256, input_size, reference, prepare, samples, source)
     check = meta.check
     if check is not None and not check.passed:
         raise RuntimeUnavailable(

@@ -32,7 +32,7 @@ def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> list[dict[st
             "f1": round(float(f), 4),
             "support": int(s),
         }
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=False)
     ]
 
 
@@ -55,7 +55,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
 
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=False):
         ax.plot(epochs, history.get(metric, []), "o-", label="train")
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "o-", label="validation")

@@ -82,7 +82,7 @@ class TrainOptions:
 @dataclass
 class TrainResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: ModelManifest
     cache_hit: bool
     resumed_from_epoch: int = 0
     messages: list[str] = field(default_factory=list)
@@ -106,7 +106,7 @@ def train(
     # 2. Model: ImageNet backbone + embedding head, and the frozen part's cached outputs.
     keras.utils.set_random_seed(opts.seed)
     n_classes = len(dataset.class_names)
-    arch = build_architecture(opts.backbone, opts.input_size, n_classes, opts.trainable, opts.dropout, settings)  # type: ignore[arg-type]
+    arch = build_architecture(opts.backbone, opts.input_size, n_classes, opts.trainable, opts.dropout, settings)  # type: ignore[arg-type]  # trainable was checked against its choices by TrainOptions
     features = extract_features(arch, opts, dataset, test_set, settings, progress)
 
     # 3. Fit the layers above the cut (resumable; the time survives an interruption).

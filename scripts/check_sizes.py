@@ -15,9 +15,9 @@ for pkg in ("app", "indexer", "models"):
         if (n := len(source.splitlines())) > MODULE_LINES:
             over.append(f"module {path}: {n} lines")
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                if (n := node.end_lineno - node.lineno + 1) > FUNCTION_LINES:
-                    over.append(f"function {path}:{node.lineno} {node.name}: {n} lines")
+            is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if is_function and (n := node.end_lineno - node.lineno + 1) > FUNCTION_LINES:
+                over.append(f"function {path}:{node.lineno} {node.name}: {n} lines")
 modules = sum(1 for pkg in ("app", "indexer", "models") for _ in pathlib.Path(pkg).rglob("*.py"))
 print("\n".join(over) or f"all {modules} modules <= {MODULE_LINES} lines, all functions <= {FUNCTION_LINES} lines")
 sys.exit(1 if over else 0)

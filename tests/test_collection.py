@@ -278,7 +278,7 @@ def test_hash_check_confirms_a_copy_the_embedding_alone_misses(photo_index: tupl
     store = IndexStore.open(index)
     try:
         ids = {r.key: r.id for r in store.rows(range(1000)).values()}
-        vectors = dict(zip(*store.live_vectors()))
+        vectors = dict(zip(*store.live_vectors(), strict=False))
         cos = {
             pair: float(np.dot(*(vectors[ids[k]] / np.linalg.norm(vectors[ids[k]]) for k in pair)))
             for pair in (("2024/c.png", "c-bright.png"), ("2023/01-beach/a.png", "2023/01-beach/b.png"))

@@ -16,10 +16,25 @@ from tests.test_service import RED, assert_error, noisy, png, upload
 def test_soft_vote_is_the_mean_and_neighbours_pool() -> None:
     names = ["blue", "green", "red"]
     probs = [np.array([0.6, 0.0, 0.4]), np.array([0.0, 0.45, 0.55]), np.array([0.1, 0.5, 0.4])]
-    p = vote(names, probs, ["red", "green", "red", "blue"])
+    pooled = (["red", "green", "red", "blue"], [0.5, 0.9, 0.4, 0.8])
+    p = vote(names, probs, pooled, names)
     assert p.label == "red" and p.probability == pytest.approx(0.45)  # hard vote would be a tie
     assert [c.label for c in p.top] == ["red", "green", "blue"]
-    assert p.neighbour_vote == "red"
+    assert p.neighbour_vote == "red"  # two votes
+    tie = (["green", "red", "red", "green", None], [0.9, 0.5, 0.45, 0.2, 0.99])
+    assert vote(names, probs, tie, names).neighbour_vote == "green"  # 2-2: the larger summed cosine (1.1 > 0.95)
+
+
+def test_the_service_and_evaluate_share_the_neighbour_vote() -> None:
+    """A 2-2 tie whose nearest neighbour is red goes to green (summed cosine), as evaluate scores it."""
+    from app.uploads import neighbour_vote
+    from indexer.metrics import knn_vote
+
+    names = ["blue", "green", "red"]
+    labels, scores = ["red", "green", "green", "red", "blue"], [0.95, 0.9, 0.85, 0.3, 0.2]
+    ids = np.array([[names.index(n) for n in labels]])
+    assert neighbour_vote((labels, scores), names) == names[int(knn_vote(ids, np.array([scores]), 3, 5)[0])] == "green"
+    assert neighbour_vote(([None, None], [0.9, 0.8]), names) is None
 
 
 def test_classify_with_the_ensemble(make_service_app: Callable[..., Any]) -> None:

@@ -42,7 +42,7 @@ def _vectors(index_dir: Path) -> dict[str, np.ndarray]:
     with closing(IndexStore.open(index_dir)) as store:
         ids, vectors = store.live_vectors()
         keys = [k for _, k in store.labels_and_keys(ids)]
-    return dict(zip(keys, vectors))
+    return dict(zip(keys, vectors, strict=False))
 
 
 def test_ray_build_matches_the_local_engine_and_uses_both_nodes(ray_cluster: str, tiny: tuple, tmp_path: Path) -> None:

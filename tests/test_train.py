@@ -81,7 +81,7 @@ def test_shift_batch_translates_each_map_within_its_cells() -> None:
     x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
     shifted = shift_batch(x, 1, np.random.default_rng(0))
     assert shifted.shape == x.shape
-    for original, moved in zip(x[..., 0], shifted[..., 0]):
+    for original, moved in zip(x[..., 0], shifted[..., 0], strict=False):
         # The centre 2x2 of the original survives somewhere within one cell of its place.
         centre = original[1:3, 1:3]
         assert any(np.array_equal(moved[i : i + 2, j : j + 2], centre) for i in range(3) for j in range(3))

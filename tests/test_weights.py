@@ -117,7 +117,7 @@ def test_resnet50_imagenet_top_recognises_photos() -> None:
     photos = {"Egyptian_cat": data.chelsea(), "espresso": data.coffee()}
     batch = np.stack([np.asarray(Image.fromarray(p).resize((224, 224), Image.BILINEAR)) for p in photos.values()])
     probs = forward(batch)
-    for (expected, _), p in zip(photos.items(), probs):
+    for (expected, _), p in zip(photos.items(), probs, strict=False):
         top = int(np.argmax(p))
         print(f"{expected}: predicted {names[top]} p={p[top]:.4f} (weights from {info.source})")
         assert names[top] == expected, f"predicted {names[top]} ({p[top]:.3f}) instead of {expected}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.cli import options
 
@@ -125,7 +126,9 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hnsw-m", type=options.positive_int, default=None, help="HNSW links per node (default 32)")
     p.add_argument("--ef-construction", type=options.positive_int, default=None, help="HNSW build depth (80)")
     p.add_argument("--ef-search", type=options.positive_int, default=None, help="HNSW search depth (64)")
-    p.add_argument("--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: about sqrt(n))")
+    p.add_argument(
+        "--nlist", type=options.positive_int, default=None, help="IVF lists (ivf: 256; ivfpq: about sqrt(n))"
+    )
     p.add_argument(
         "--nprobe", type=options.positive_int, default=None, help="IVF lists probed per query (ivf 16; ivfpq 64)"
     )
@@ -157,14 +160,17 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "--ray-address", default=None, help="Ray cluster address, host:port or 'auto' (default: a local Ray)"
     )
     p.add_argument(
-        "--actors", type=options.positive_int, default=None, help="Ray: model actors (default: CPUs / (cpus per actor + 1))"
+        "--actors",
+        type=options.positive_int,
+        default=None,
+        help="Ray: model actors (default: CPUs / (cpus per actor + 1))",
     )
     p.add_argument(
         "--cpus-per-actor", type=float, default=1.0, help="Ray: CPUs each model actor reserves (default %(default)s)"
     )
 
 
-def _register_add(sub: argparse._SubParsersAction, name: str, **kwargs: object) -> None:
+def _register_add(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> None:
     p = sub.add_parser(
         name,
         parents=[_index_dir(), options.runtime(), options.quiet()],
@@ -177,7 +183,7 @@ def _register_add(sub: argparse._SubParsersAction, name: str, **kwargs: object) 
     p.set_defaults(func=add)
 
 
-def _register_remove(sub: argparse._SubParsersAction, name: str, **kwargs: object) -> None:
+def _register_remove(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> None:
     p = sub.add_parser(
         name, parents=[_index_dir()], description="Remove items from INDEX_DIR by id. Other ids never change.", **kwargs
     )

@@ -78,15 +78,16 @@ def no_cache() -> argparse.ArgumentParser:
     return p
 
 
-MODEL_HELP = (
-    "MODEL_DIR from `imgsim train`, or a backbone name for ImageNet features without training: "
-    "resnet50, vgg16, inceptionv3, optionally with an input size (resnet50:128; default 224)"
-)
+def model_help() -> str:
+    """What --model takes: every registered encoder kind says it (models/encoders)."""
+    from models.encoders import spec_help
+
+    return f"the image encoder: {spec_help()}"
 
 
-def model_dir(help_text: str = MODEL_HELP) -> argparse.ArgumentParser:
+def model_dir(help_text: str | None = None) -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--model", type=Path, required=True, help=help_text)
+    p.add_argument("--model", type=Path, required=True, help=help_text or model_help())
     return p
 
 

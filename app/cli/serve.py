@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,23 +20,18 @@ if TYPE_CHECKING:
 def check_model_pairs(pairs: Sequence[ModelPair]) -> None:
     """Refuse bad model/index pairs with one line before uvicorn starts (no Keras needed)."""
     from indexer.store import IndexStore
-    from models.manifests import model_identity
-    from models.pretrained import manifest_of, parse_spec
+    from models.encoders import describe
 
     names: set[str] = set()
     for pair in pairs:
-        if not pair.model.is_dir() and not parse_spec(pair.model):
-            raise NotFound(
-                f"model directory not found: {pair.model} (or name a backbone: resnet50, vgg16, inceptionv3)"
-            )
+        manifest, identity = describe(pair.model)  # NotFound lists what --model takes
         if not pair.index.is_dir():
             raise NotFound(f"index directory not found: {pair.index}")
-        manifest = manifest_of(pair.model)
         name = pair.name or manifest.name
         if name in names:
             raise ImgsimError(f"two models are named {name!r}; give them distinct names")
         names.add(name)
-        IndexStore.open(pair.index, expect_model=model_identity(pair.model, manifest)).close()
+        IndexStore.open(pair.index, expect_model=identity).close()
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -68,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise ImgsimError("--detach is for --engine ray (a local service runs in the foreground)")
     if len(args.model or []) != len(args.index or []):
         raise ImgsimError("give --model and --index in pairs (one --index per --model)")
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if args.model:
-        overrides["models"] = [ModelPair(model=m, index=i) for m, i in zip(args.model, args.index)]
+        overrides["models"] = [ModelPair(model=m, index=i) for m, i in zip(args.model, args.index, strict=False)]
     for field in ("host", "port", "runtime"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
@@ -96,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=args.log_level,
         log_config=log_config(args.log_level),
-        timeout_graceful_shutdown=settings.shutdown_seconds,  # one slow uploader cannot hold the exit
+        timeout_graceful_shutdown=math.ceil(
+            settings.shutdown_seconds
+        ),  # uvicorn takes whole seconds  # one slow uploader cannot hold the exit
         http=guarded_protocol(settings.max_header_bytes, settings.header_seconds),
     )
     return 0
@@ -110,7 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve search/classify for one or more trained models and their indexes. "
         "Repeat --model/--index pairs; the first is active. Without them, IMGSIM_MODELS is used.",
     )
-    p.add_argument("--model", type=Path, action="append", help="MODEL_DIR (repeatable, paired with --index)")
+    p.add_argument(
+        "--model", type=Path, action="append", help=f"{options.model_help()} (repeatable, paired with --index)"
+    )
     p.add_argument("--index", type=Path, action="append", help="INDEX_DIR built from the preceding --model")
     p.add_argument("--host", default=None, help="bind address (default IMGSIM_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default IMGSIM_PORT or 8000)")

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     for line in result.messages:
         print(line, file=sys.stderr)
     m, t = result.manifest.metrics, result.manifest.training
+    assert m is not None and t is not None, "train() writes both"  # for the type checker
     depth = "from scratch" if opts.backbone == "simple-cnn" else opts.trainable
     test = (
         f"test accuracy {m.test_accuracy:.4f} on {m.test_count} images"

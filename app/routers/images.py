@@ -19,7 +19,8 @@ from app.item_meta import parse_meta, shown_meta
 from app.registry import LoadedModel
 from app.routers.search import neighbours
 from app.schemas import AddResponse, DeleteResponse, EmbeddingResponse, ItemInfo, SearchResponse, error_responses
-from app.uploads import ImageFiles, ModelName, run_images
+from app.uploads import ImageFiles, ModelName, either, known_fields, run_images
+from app.uploads import ModelQuery as UploadModelQuery
 from indexer.images import item_image_bytes
 from indexer.query import search
 from indexer.update import NewItem
@@ -167,7 +168,7 @@ def _label_id(label: str | None, names: list[str]) -> int:
 @router.post(
     "",
     response_model=AddResponse,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_admin), Depends(known_fields("model", "label", "meta"))],
     responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
     summary="Add images to the index (admin)",
 )
@@ -179,14 +180,19 @@ async def add_images(
     model: ModelName = None,
     label: Annotated[str | None, Form(max_length=200, description="Label of the new images")] = None,
     meta: Annotated[str | None, Form(max_length=10_000, description="A JSON object stored with each image")] = None,
+    model_query: UploadModelQuery = None,
+    label_query: Annotated[str | None, Query(alias="label", max_length=200, description="Or the form field")] = None,
+    meta_query: Annotated[str | None, Query(alias="meta", max_length=10_000, description="Or the form field")] = None,
 ) -> AddResponse:
     """Embeds the images and publishes a new index version before it answers: an acknowledged
     add survives a crash. A file whose bytes are already indexed gets its existing id."""
+    model, label = either("model", model, model_query, None), either("label", label, label_query, None)
+    meta = either("meta", meta, meta_query, None)
     stored_meta = parse_meta(meta)  # checked before any image is decoded
     label_id = _label_id(label, registry.get(model).store.manifest.dataset.class_names)
     loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
     items = []
-    for f, r in zip(file, results):
+    for f, r in zip(file, results, strict=False):
         await f.seek(0)
         data = await f.read()
         sha = hashlib.sha256(data).hexdigest()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app import ensemble
@@ -28,11 +28,14 @@ from app.uploads import (
     VOTE_K,
     AnalyzeForm,
     ModelName,
+    ModelQuery,
     OneImage,
     Search,
     Stages,
-    majority_label,
+    either,
+    known_fields,
     neighbour_labels,
+    neighbour_vote,
     run_images,
     server_timing,
 )
@@ -53,7 +56,7 @@ def neighbours(store: IndexStore, model: str, hits: list[Hit]) -> list[Neighbour
     rows = store.labels_and_keys([h.id for h in hits])
     return [
         Neighbour(id=h.id, score=round(h.score, 6), label=name, key=key, url=f"/v1/images/{h.id}/file?model={model}")
-        for h, (name, key) in zip(hits, rows)
+        for h, (name, key) in zip(hits, rows, strict=False)
     ]
 
 
@@ -76,7 +79,7 @@ def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction
         label=names[int(order[0])],
         probability=round(float(result.probs[order[0]]), 6),
         top=[ClassScore(label=names[int(i)], probability=round(float(result.probs[i]), 6)) for i in order],
-        neighbour_vote=majority_label(neighbour_labels(result)),
+        neighbour_vote=neighbour_vote(neighbour_labels(result), result.context.manifest.dataset.class_names),
     )
 
 
@@ -87,14 +90,21 @@ def _took_ms(response: Response, stages: Stages, result: Result) -> float:
     return took
 
 
-@router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Top-k similar indexed images")
+# What the two searching routes share: their errors and their options (form or query).
+SEARCHING: dict[str, Any] = {
+    "responses": ERRORS,
+    "dependencies": [Depends(known_fields("k", "model", "min_score", "label"))],
+}
+
+
+@router.post("/search", response_model=SearchResponse, summary="Top-k similar indexed images", **SEARCHING)
 async def search_images(
     request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> SearchResponse:
     """Several images (repeated `file` parts) give one result list each, from one batched forward pass."""
     loaded, results, stages = await run_images(request, form.files, form.k, form.model, registry, settings)
     lists = [await _answer(loaded, r, form.k, form.min_score, form.label) for r in results]
-    queries = [QueryResults(file=f.filename or "", results=n) for f, n in zip(form.files, lists)]
+    queries = [QueryResults(file=f.filename or "", results=n) for f, n in zip(form.files, lists, strict=False)]
     took = _took_ms(response, stages, results[0])
     return SearchResponse(model=loaded.name, took_ms=took, results=lists[0], queries=queries)
 
@@ -103,6 +113,7 @@ async def search_images(
     "/classify",
     response_model=ClassifyResponse,
     responses=error_responses(400, 404, 409, 413, 415, 422, 503),
+    dependencies=[Depends(known_fields("model"))],
     summary="Predicted class + neighbour vote",
 )
 async def classify(
@@ -114,7 +125,7 @@ async def classify(
     model: ModelName = None,
     model_query: Annotated[str | None, Query(alias="model", max_length=200, description=ENSEMBLE_HELP)] = None,
 ) -> ClassifyResponse:
-    model = model_query or model
+    model = either("model", model, model_query, None)
     if model == ensemble.ENSEMBLE:
         prediction, votes, stages, first = await ensemble.classify(request, file, registry, settings)
         took = _took_ms(response, stages, first)
@@ -128,10 +139,7 @@ async def classify(
 
 
 @router.post(
-    "/analyze",
-    response_model=AnalyzeResponse,
-    responses=ERRORS,
-    summary="Classification and top-k search from one forward pass",
+    "/analyze", response_model=AnalyzeResponse, summary="Classification and top-k search, one pass", **SEARCHING
 )
 async def analyze(
     request: Request, response: Response, form: AnalyzeForm, registry: Registry, settings: Settings
@@ -145,10 +153,22 @@ async def analyze(
     )
 
 
-@router.post("/embed", response_model=EmbeddingResponse, responses=ERRORS, summary="An upload's embedding")
+@router.post(
+    "/embed",
+    response_model=EmbeddingResponse,
+    responses=ERRORS,
+    dependencies=[Depends(known_fields("model"))],
+    summary="An upload's embedding",
+)
 async def embed(
-    request: Request, file: OneImage, registry: Registry, settings: Settings, model: ModelName = None
+    request: Request,
+    file: OneImage,
+    registry: Registry,
+    settings: Settings,
+    model: ModelName = None,
+    model_query: ModelQuery = None,
 ) -> EmbeddingResponse:
+    model = either("model", model, model_query, None)
     loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
     v = l2_normalise(results[0].embedding[None])[0]
     return EmbeddingResponse(model=loaded.name, dim=len(v), vector=[round(float(x), 7) for x in v])

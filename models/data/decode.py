@@ -131,7 +131,7 @@ def _image_from_bytes(data: bytes, limit: int, size: int | None, formats: Collec
     if not data:
         raise UnreadableImage("empty", "zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise UnreadableImage("too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
@@ -172,7 +172,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.uint32)
         if mode != "I" or arr.max(initial=0) > 255:
-            arr = arr >> 8
+            arr = (arr >> 8).astype(np.uint32)
         img = Image.fromarray(arr.astype(np.uint8))
         mode = "L"
     elif mode == "F":

@@ -76,10 +76,10 @@ def list_idx(directory: Path) -> Source:
 
     labels_by_split = {split: _read_idx(lbl) for split, (_, lbl) in files.items()}
     records: list[Record] = []
-    for split, labels in labels_by_split.items():
-        if labels.ndim != 1:
+    for split, label_array in labels_by_split.items():
+        if label_array.ndim != 1:
             raise ImgsimError(f"{files[split][1]} is not a label file (expected 1 dimension)")
-        records.extend(array_records(split, labels, FASHION_MNIST_CLASSES, str(files[split][1])))
+        records.extend(array_records(split, label_array, FASHION_MNIST_CLASSES, str(files[split][1])))
 
     identity = [f"{p.name}:{p.stat().st_size}" for pair in files.values() for p in pair]
 

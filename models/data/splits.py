@@ -41,7 +41,7 @@ def assign_splits(
     records: Iterable[Record], fixed_names: list[str] | None, options: Options
 ) -> tuple[list[str], list[Item]]:
     """Cap, carve val and order the items deterministically."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str | None], list[str]] = {}
     for rec in records:
         groups.setdefault((rec.split, rec.class_name), []).append(rec.key)
     class_names = list(fixed_names) if fixed_names is not None else sorted({c for _, c in groups if c is not None})
@@ -50,7 +50,7 @@ def assign_splits(
 
     items: list[Item] = []
     for (split, class_name), keys in groups.items():
-        label = label_of.get(class_name, -1)  # -1: unlabelled (no val is carved from those)
+        label = label_of.get(class_name, -1) if class_name is not None else -1  # -1: unlabelled (no val carved)
         if options.max_per_class is not None and len(keys) > options.max_per_class:
             keys = _seeded_shuffle(keys, options.seed, "cap", split, str(class_name))
             keys = keys[: options.max_per_class]
