@@ -1,10 +1,11 @@
 """Micro-batching: concurrent requests for one model share a single model call.
 
-Requests put their decoded image on a queue and await a future. Each of ``streams``
-worker tasks per model takes queued requests, runs the forward pass and the FAISS search
-for the whole batch in its own thread (TensorFlow and FAISS release the GIL, so the event
-loop stays free), then resolves each request's future. A lone request runs at once;
-batches form while the model is busy.
+Requests put their decoded image (and an opaque ``job``: what else the model's worker should
+do with it, e.g. searches) on a queue and await a future. Each of ``streams`` worker tasks
+per model takes queued requests and runs the batch function for the whole batch in its own
+thread (TensorFlow and FAISS release the GIL, so the event loop stays free), then resolves
+each request's future. A lone request runs at once; batches form while the model is busy.
+The batcher only schedules: what a batch runs is the caller's (app.registry.LoadedModel).
 
 Two streams (the default) let two model calls share TensorFlow's thread pool: one call's
 small ops leave cores idle that the other call's ops fill (docs/performance.md, D3). A
@@ -40,23 +41,23 @@ from models.errors import Busy
 class Result:
     embedding: np.ndarray  # (D,)
     probs: np.ndarray  # (C,)
-    scores: np.ndarray  # (k,) cosine
-    ids: np.ndarray  # (k,) item ids, -1 past the end
+    answer: Any  # what the batch function answered for this request's job (e.g. its searches' hits)
     batch_size: int
-    infer_seconds: float  # the model call this request rode in: hand-off, forward pass, search, hand-back
+    infer_seconds: float  # the model call this request rode in: hand-off, forward pass, searches, hand-back
     queue_seconds: float = 0.0  # from submit to the start of that call
-    context: Any = None  # what the batch function returned after (emb, probs, scores, ids), e.g. its index
+    context: Any = None  # what the batch function returned for the whole batch, e.g. its index version
 
 
 @dataclass
 class _Request:
     image: np.ndarray
-    k: int
+    job: Any
     future: asyncio.Future[Result]
     queued_at: float  # time.perf_counter(): uvloop's loop.time() ticks in whole milliseconds
 
 
-BatchFn = Callable[[np.ndarray, int], tuple]  # (embeddings, probs, scores, ids[, context])
+# (images, each request's job) -> (embeddings, probs, each request's answer, context)
+BatchFn = Callable[[np.ndarray, list[Any]], tuple[np.ndarray, np.ndarray, list[Any], Any]]
 
 
 def batch_limit(max_batch: int, streams: int, in_flight: int, queued: int) -> int:
@@ -70,7 +71,7 @@ def batch_limit(max_batch: int, streams: int, in_flight: int, queued: int) -> in
 class MicroBatcher:
     """Collects requests for one model and runs them in batches.
 
-    ``run_batch(images, k)`` -> (embeddings, probs, scores, ids) for the whole batch.
+    ``run_batch(images, jobs)`` -> (embeddings, probs, answers, context) for the whole batch.
     """
 
     def __init__(
@@ -129,14 +130,14 @@ class MicroBatcher:
                 req.future.set_exception(Busy("busy: the service is shutting down; retry shortly"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, image: np.ndarray, k: int) -> Result:
+    async def submit(self, image: np.ndarray, job: Any = None) -> Result:
         if self._changed is None:
             raise RuntimeError("batcher not started")
         if self.full:
             raise Busy(f"busy: queue full ({self.max_queue} images waiting); retry shortly")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._pending.append(_Request(image, k, future, time.perf_counter()))
+        self._pending.append(_Request(image, job, future, time.perf_counter()))
         async with self._changed:
             self._changed.notify_all()
         return await future
@@ -198,23 +199,19 @@ class MicroBatcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         images = np.stack([r.image for r in batch])
-        k = max(r.k for r in batch)
         start = time.perf_counter()
         try:
-            out = await loop.run_in_executor(self._executor, self._run_batch, images, k)
+            out = await loop.run_in_executor(self._executor, self._run_batch, images, [r.job for r in batch])
         except Exception as exc:  # every waiting request learns what went wrong
             for r in batch:
                 if not r.future.done():
                     r.future.set_exception(exc)
             return
         took = time.perf_counter() - start
-        emb, probs, scores, ids = out[:4]
-        context = out[4] if len(out) > 4 else None
+        emb, probs, answers, context = out
         if self._on_batch is not None:
             self._on_batch(len(batch), took)
         for i, r in enumerate(batch):
             if not r.future.done():
                 waited = start - r.queued_at
-                r.future.set_result(
-                    Result(emb[i], probs[i], scores[i, : r.k], ids[i, : r.k], len(batch), took, waited, context)
-                )
+                r.future.set_result(Result(emb[i], probs[i], answers[i], len(batch), took, waited, context))

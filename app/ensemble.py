@@ -15,7 +15,7 @@ from app.batching import Result
 from app.config import ServiceSettings
 from app.registry import LoadedModel, ModelRegistry
 from app.schemas import ClassScore, EnsembleVote, MemberAnswer, Prediction
-from app.uploads import VOTE_K, Neighbours, Stages, neighbour_labels, neighbour_vote, run_images
+from app.uploads import VOTE, Neighbours, Stages, neighbour_labels, neighbour_vote, run_images
 from models.ensemble import majority_vote
 from models.errors import Conflict
 
@@ -55,12 +55,12 @@ async def classify(
 ) -> tuple[Prediction, EnsembleVote, Stages, Result]:
     """Each member runs once on the upload (all at once, each through its own batcher)."""
     chosen = members(registry, settings)
-    runs = await asyncio.gather(*(run_images(request, files, VOTE_K, m.name, registry, settings) for m in chosen))
+    runs = await asyncio.gather(*(run_images(request, files, m.name, registry, settings, [VOTE]) for m in chosen))
     request.state.model = ENSEMBLE
     results = [r[0] for _, r, _ in runs]
     names = chosen[0].embedder.class_names
     probs = [r.probs for r in results]
-    labels = [neighbour_labels(r) for r in results]
+    labels = [neighbour_labels(r.context, r.answer[0]) for r in results]
     classes = results[0].context.manifest.dataset.class_names  # the members' indexes share them (members())
     answers = []
     for m, r, near in zip(chosen, results, labels, strict=False):

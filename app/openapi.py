@@ -38,7 +38,7 @@ def with_limits(schema: dict[str, Any], max_k: int, max_files: int) -> dict[str,
 
 
 def without_form_nulls(schema: dict[str, Any]) -> dict[str, Any]:
-    """Optional multipart fields as plain types (in place).
+    """Optional multipart fields as plain types, and no fields besides the declared ones (in place).
 
     Pydantic writes ``str | None`` as ``anyOf: [string, null]``, but a multipart form cannot
     send a null: an optional field is simply left out. Clients generated from the schema
@@ -49,7 +49,10 @@ def without_form_nulls(schema: dict[str, Any]) -> dict[str, Any]:
         for op in path.values():
             form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
             ref = form.get("schema", {}).get("$ref", "")
-            for prop in components.get(ref.rsplit("/", 1)[-1], {}).get("properties", {}).values():
+            body = components.get(ref.rsplit("/", 1)[-1], {})
+            if body:
+                body["additionalProperties"] = False  # a field the route does not take is a 422 (uploads.known_fields)
+            for prop in body.get("properties", {}).values():
                 kinds = [a for a in prop.pop("anyOf", []) if a.get("type") != "null"]
                 if len(kinds) == 1:
                     prop.update(kinds[0])
@@ -65,7 +68,7 @@ def install(app: FastAPI, max_k: int, max_files: int) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = without_form_nulls(with_limits(build(), max_k, max_files))
+            app.openapi_schema = with_limits(without_form_nulls(build()), max_k, max_files)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema

@@ -15,6 +15,7 @@ import numpy as np
 
 from app.batching import MicroBatcher
 from app.config import ModelPair, ServiceSettings
+from indexer.query import Hit, SearchSpec, search_batch
 from indexer.store import IndexStore
 from indexer.update import Changes, NewItem, apply_changes
 from indexer.versions import current_version
@@ -41,17 +42,23 @@ class LoadedModel:
         return self.embedder.manifest
 
     def run_batch(
-        self, images: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, IndexStore]:
-        """One forward pass and one FAISS search for a whole batch (runs in the model's thread).
+        self, images: np.ndarray, jobs: list[Sequence[SearchSpec] | None]
+    ) -> tuple[np.ndarray, np.ndarray, list[list[list[Hit]]], IndexStore]:
+        """One forward pass for a whole batch, then the searches its requests asked for (each
+        request's job: its queries), at most one FAISS search per label (runs in the model's
+        thread). A batch of embed-only requests searches nothing.
 
         The store is read once: the batch, and the answers built from it, use one index version
         even if a newer one is swapped in meanwhile.
         """
         store = self.store
         emb, probs = self.embedder.embed(images, store.manifest.tta)
-        scores, ids = store.search(emb, k)
-        return emb, probs, scores, ids, store
+        asked = [(n, q) for n, job in enumerate(jobs) for q in job or ()]
+        hits = search_batch(store, emb[[n for n, _ in asked]], [q for _, q in asked]) if asked else []
+        answers: list[list[list[Hit]]] = [[] for _ in jobs]
+        for (n, _), found in zip(asked, hits, strict=True):
+            answers[n].append(found)
+        return emb, probs, answers, store
 
     def reload_if_changed(self) -> bool:
         """Swap in the index's current version if it is not the one loaded (runs in a thread).
@@ -186,7 +193,7 @@ class ModelRegistry:
             if key not in self.models:
                 known = ", ".join(sorted(self.models))
                 if key == "ensemble":
-                    raise BadInput(f"model 'ensemble' only classifies (POST /v1/classify); name one of: {known}")
+                    raise NotFound(f"model 'ensemble' only classifies (POST /v1/classify); name one of: {known}")
                 raise NotFound(f"unknown model {_shorten(key)!r}; loaded: {known}")
             return self.models[key]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, TypeVar
@@ -23,6 +23,8 @@ from app.deps import Registry, Settings
 from app.imaging import check_content_type, decode_upload
 from app.registry import LoadedModel
 from indexer.metrics import knn_vote
+from indexer.query import Hit, SearchSpec
+from indexer.store import IndexStore
 from models.errors import BadInput, Busy, TooLarge
 
 VOTE_K = 5  # neighbours that vote on a label
@@ -64,6 +66,8 @@ def known_fields(*names: str) -> Callable[[Request], Awaitable[None]]:
 
     async def check(request: Request) -> None:
         form = await request.form()  # parsed once already, for the route's own fields
+        if "file" not in form:  # no image (or not multipart): that error says how to send one
+            return
         unknown = sorted((set(request.query_params) | set(form.keys())) - allowed)
         if unknown:
             takes = ", ".join(sorted(allowed))
@@ -144,14 +148,31 @@ async def read_image(file: UploadFile, loaded: LoadedModel, settings: Settings) 
     return await file.read()
 
 
+def search_query(
+    k: int, settings: Settings, label: str | None = None, min_score: float | None = None, exclude: int | None = None
+) -> SearchSpec:
+    """A search as a request asks for it: the one place ``k`` is checked against IMGSIM_MAX_K."""
+    if not 1 <= k <= settings.max_k:
+        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
+    return SearchSpec(k, label, min_score, exclude)
+
+
+VOTE = SearchSpec(VOTE_K)  # the nearest indexed images whose labels vote (classify, analyze)
+
+
 async def run_images(
-    request: Request, files: list[UploadFile], k: int, model: str | None, registry: Registry, settings: Settings
+    request: Request,
+    files: list[UploadFile],
+    model: str | None,
+    registry: Registry,
+    settings: Settings,
+    queries: Sequence[SearchSpec] = (),
 ) -> tuple[LoadedModel, list[Result], Stages]:
     """Decode the uploads and submit them together to the model's batcher (one batch when it
-    is free); the model is resolved once, so a switch mid-request does not affect it."""
+    is free), each with ``queries`` to search for (none: only embedded); ``Result.answer``
+    holds their hits, in order. The model is resolved once, so a switch mid-request does not
+    affect it."""
     stages = Stages(getattr(request.state, "start", None) or time.perf_counter())  # set as the request arrived
-    if k > settings.max_k:
-        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
     if len(files) > settings.max_batch_size:
         raise BadInput(f"at most {settings.max_batch_size} images per request, got {len(files)}")
     loaded = registry.get(model)
@@ -168,17 +189,16 @@ async def run_images(
             decode = partial(decode_upload, data, size, limit, settings.max_webp_pixels)
             images.append(await asyncio.get_running_loop().run_in_executor(pool, decode))
     stages.decoded = time.perf_counter()
-    results = await asyncio.gather(*(loaded.batcher.submit(img, max(k, VOTE_K)) for img in images))
+    results = await asyncio.gather(*(loaded.batcher.submit(img, tuple(queries)) for img in images))
     return loaded, list(results), stages
 
 
 Neighbours = tuple[list[str | None], list[float]]  # labels (None: unlabelled) and cosines, nearest first
 
 
-def neighbour_labels(result: Result) -> Neighbours:
-    """The labels and scores of an answer's VOTE_K nearest indexed images, nearest first."""
-    found = [(int(i), float(s)) for i, s in zip(result.ids[:VOTE_K], result.scores[:VOTE_K], strict=True) if i >= 0]
-    return result.context.label_names([i for i, _ in found]), [s for _, s in found]
+def neighbour_labels(store: IndexStore, hits: list[Hit]) -> Neighbours:
+    """The labels and scores of a search's hits (the VOTE query's: the nearest), nearest first."""
+    return store.label_names([h.id for h in hits]), [h.score for h in hits]
 
 
 def neighbour_vote(neighbours: Neighbours, class_names: list[str]) -> str | None:

@@ -4,7 +4,7 @@ Small files that decode to the most memory the pixel limit allows (16-bit RGBA a
 palette and bilevel PNGs, a progressive JPEG, a lossless RGBA WebP, a GIF), sent
 ``--concurrency`` at a time in ``--bursts`` bursts to a real ``imgsim serve``. Meanwhile
 ``/healthz`` is timed every 50 ms and the process's RSS sampled every 20 ms. Reports the idle,
-peak and after-burst RSS against the ceiling the README documents, and /healthz's latency.
+peak and after-burst RSS against the ceiling docs/operations.md documents, and /healthz's latency.
 
     .venv/bin/python -m benchmarks.worst_uploads --model runs/resnet50-cifar10 --index indexes/resnet50-cifar10-hnsw16
 """
@@ -29,7 +29,7 @@ from benchmarks.common import latency_percentiles, log, write_json
 from benchmarks.service import Service
 
 # The costliest decodes measured, in bytes per pixel: a 16-bit RGBA PNG (8.1, under the pixel
-# limit) and a lossless RGBA WebP (16.1, under the WebP limit); README, "Limits and guarantees".
+# limit) and a lossless RGBA WebP (16.1, under the WebP limit); docs/operations.md, "Limits and guarantees".
 BYTES_PER_PIXEL = 9
 WEBP_BYTES_PER_PIXEL = 17
 

@@ -36,7 +36,7 @@ def _closed_loop(
     running: list[int] = []
     lock = threading.Lock()
 
-    def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def run_batch(images: np.ndarray, jobs: list) -> tuple[np.ndarray, np.ndarray, list, None]:
         n = len(images)
         with lock:
             sizes.append(n)
@@ -46,7 +46,7 @@ def _closed_loop(
         time.sleep(CALL_S + IMAGE_S * n)
         with lock:
             running.remove(n)
-        return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+        return np.zeros((n, 4)), np.zeros((n, 2)), list(jobs), None
 
     async def main() -> None:
         batcher = MicroBatcher(run_batch, max_batch=max_batch, streams=streams)
@@ -55,7 +55,7 @@ def _closed_loop(
         async def client(i: int) -> None:
             await asyncio.sleep(0.001 * (i > 0))  # the first request arrives alone, as it does in practice
             for _ in range(rounds):
-                await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1)
+                await batcher.submit(np.zeros((2, 2, 3), np.uint8))
 
         await asyncio.gather(*(client(i) for i in range(clients)))
         await batcher.stop()
@@ -97,7 +97,7 @@ def test_two_streams_share_the_max_batch_budget() -> None:
 
 def test_streams_must_be_positive() -> None:
     with pytest.raises(ValueError, match="streams must be at least 1"):
-        MicroBatcher(lambda images, k: None, streams=0)  # type: ignore[arg-type,return-value]
+        MicroBatcher(lambda images, jobs: None, streams=0)  # type: ignore[arg-type,return-value]
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -107,11 +107,11 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
     call_s, limit_ms = 0.05, 30.0
     ran: list[int] = []  # images per model call
 
-    def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def run_batch(images: np.ndarray, jobs: list) -> tuple[np.ndarray, np.ndarray, list, None]:
         n = len(images)
         ran.append(n)
         time.sleep(call_s)
-        return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+        return np.zeros((n, 4)), np.zeros((n, 2)), list(jobs), None
 
     async def main() -> tuple[list[float], int]:
         # One image per call: 12 requests at once need 12 x 50 ms / streams, far past 30 ms.
@@ -121,7 +121,7 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
         async def one() -> float | None:
             t = time.perf_counter()
             try:
-                await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1)
+                await batcher.submit(np.zeros((2, 2, 3), np.uint8))
             except Busy as exc:
                 assert "in the queue (limit 30 ms)" in str(exc)
                 return None
@@ -140,17 +140,17 @@ def test_queue_time_limit_answers_503_instead_of_running_late(streams: int) -> N
 def test_result_reports_the_time_queued_and_in_the_call() -> None:
     """What the Server-Timing header's queue and infer parts come from."""
 
-    def run_batch(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def run_batch(images: np.ndarray, jobs: list) -> tuple[np.ndarray, np.ndarray, list, None]:
         time.sleep(0.0305)
         n = len(images)
-        return np.zeros((n, 4)), np.zeros((n, 2)), np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+        return np.zeros((n, 4)), np.zeros((n, 2)), list(jobs), None
 
     async def main() -> list:
         batcher = MicroBatcher(run_batch, streams=1)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.zeros((2, 2, 3), np.uint8), 1))
+        first = asyncio.ensure_future(batcher.submit(np.zeros((2, 2, 3), np.uint8)))
         await asyncio.sleep(0.0102)  # the first call is running: the second request waits for it
-        results = [await batcher.submit(np.zeros((2, 2, 3), np.uint8), 1), await first]
+        results = [await batcher.submit(np.zeros((2, 2, 3), np.uint8)), await first]
         await batcher.stop()
         return results
 

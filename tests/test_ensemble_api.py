@@ -58,7 +58,7 @@ def test_classify_with_the_ensemble(make_service_app: Callable[..., Any]) -> Non
         assert c.get("/v1/models").json()["ensemble"] == ["a", "b"]
         # The form field works too; search cannot use the ensemble.
         assert c.post("/v1/classify", files=upload(png()), data={"model": "ensemble"}).status_code == 200
-        assert_error(c.post("/v1/search", files=upload(png()), data={"model": "ensemble"}), 422, "only classifies")
+        assert_error(c.post("/v1/search", files=upload(png()), data={"model": "ensemble"}), 404, "only classifies")
 
 
 def test_an_ensemble_needs_two_classifiers(make_service_app: Callable[..., Any]) -> None:

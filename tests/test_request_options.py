@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -48,3 +49,32 @@ def test_unknown_fields_and_parameters_are_named(client: TestClient, path: str) 
     r = client.post(path, data={"colour": "red"}, files=upload(png()))
     assert_error(r, 422, "unknown field 'colour'")
     assert client.post(path, params={"model": "a"}, files=upload(png())).status_code == 200
+
+
+def test_embed_only_routes_never_search_and_a_filter_searches_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: every batch searched (embed and add too), and a label filter threw that search away
+    and ran a second one."""
+    from indexer.store import IndexStore
+
+    searches: list[int] = []
+    real = IndexStore.search
+    monkeypatch.setattr(
+        IndexStore, "search", lambda self, v, k, params=None: searches.append(len(v)) or real(self, v, k, params)
+    )
+    assert client.post("/v1/embed", files=upload(png())).status_code == 200
+    assert searches == []
+    r = client.post("/v1/search", data={"label": "red", "k": "3"}, files=upload(png(noisy(BLUE))))
+    assert r.status_code == 200 and {n["label"] for n in r.json()["results"]} == {"red"}
+    assert searches == [1]  # one FAISS search, restricted to the label
+    searches.clear()
+    from indexer.query import SearchSpec, search_batch
+
+    store = client.app.state.registry.models["a"].store
+    vectors = np.random.default_rng(0).normal(size=(4, store.index.d)).astype(np.float32)
+    specs = [SearchSpec(3), SearchSpec(5, min_score=0.0), SearchSpec(2, label="red"), SearchSpec(4, label="red")]
+    hits = search_batch(store, vectors, specs)
+    assert searches == [2, 2]  # a batch's queries: one FAISS search per label, not one per query
+    assert [len(h) <= s.k for h, s in zip(hits, specs, strict=True)] == [True] * 4
+    assert {store.label_names([x.id for x in hits[3]])[0]} == {"red"}

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgsim",
         description="Image similarity search: ImageNet backbones, fine-tuning, FAISS index, web service.",
-        epilog="Settings come from IMGSIM_* environment variables (see README).",
+        epilog="Settings come from IMGSIM_* environment variables (docs/settings.md).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -19,10 +19,10 @@ from app.item_meta import parse_meta, shown_meta
 from app.registry import LoadedModel
 from app.routers.search import neighbours
 from app.schemas import AddResponse, DeleteResponse, EmbeddingResponse, ItemInfo, SearchResponse, error_responses
-from app.uploads import ImageFiles, ModelName, either, known_fields, run_images
+from app.uploads import ImageFiles, ModelName, either, known_fields, run_images, search_query
 from app.uploads import ModelQuery as UploadModelQuery
 from indexer.images import item_image_bytes
-from indexer.query import search
+from indexer.query import search_batch
 from indexer.update import NewItem
 from models.errors import BadInput, Gone, NotFound, UnreadableImage
 
@@ -119,12 +119,11 @@ async def similar(
     label: Annotated[str | None, Query(max_length=200, description="Only items with this label")] = None,
 ) -> SearchResponse:
     start = time.perf_counter()
-    if k > settings.max_k:
-        raise BadInput(f"k must be between 1 and {settings.max_k}, got {k}")
+    query = search_query(k, settings, label, min_score, exclude=item_id)
     loaded = _model(request, registry, model)
     store = loaded.store
     vector = _vector(loaded, item_id)
-    hits = await run_in_threadpool(search, store, vector, k, label=label, min_score=min_score, exclude=item_id)
+    hits = (await run_in_threadpool(search_batch, store, vector[None], [query]))[0]
     took = round((time.perf_counter() - start) * 1000, 2)
     return SearchResponse(model=loaded.name, took_ms=took, results=neighbours(store, loaded.name, hits))
 
@@ -190,7 +189,7 @@ async def add_images(
     meta = either("meta", meta, meta_query, None)
     stored_meta = parse_meta(meta)  # checked before any image is decoded
     label_id = _label_id(label, registry.get(model).store.manifest.dataset.class_names)
-    loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
+    loaded, results, _ = await run_images(request, file, model, registry, settings)  # embedded only
     items = []
     for f, r in zip(file, results, strict=False):
         await f.seek(0)

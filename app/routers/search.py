@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from app import ensemble
 from app.batching import Result
@@ -25,7 +24,7 @@ from app.schemas import (
     error_responses,
 )
 from app.uploads import (
-    VOTE_K,
+    VOTE,
     AnalyzeForm,
     ModelName,
     ModelQuery,
@@ -37,10 +36,11 @@ from app.uploads import (
     neighbour_labels,
     neighbour_vote,
     run_images,
+    search_query,
     server_timing,
 )
 from indexer.faiss_index import l2_normalise
-from indexer.query import Hit, hits_from_result, search
+from indexer.query import Hit
 from indexer.store import IndexStore
 from models.errors import Conflict
 
@@ -60,17 +60,8 @@ def neighbours(store: IndexStore, model: str, hits: list[Hit]) -> list[Neighbour
     ]
 
 
-async def _answer(loaded: LoadedModel, result: Result, k: int, min_score: float | None, label: str | None) -> list:
-    """The neighbours of one image, from the index version that answered its batch."""
-    store = result.context
-    if label is None:
-        hits = hits_from_result(result.scores, result.ids, k, min_score)
-    else:  # a filtered search of its own: the batch's search had no filter
-        hits = await run_in_threadpool(search, store, result.embedding, k, label=label, min_score=min_score)
-    return neighbours(store, loaded.name, hits)
-
-
-def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction | None:
+def _prediction(loaded: LoadedModel, result: Result, vote: list[Hit], top: int = 5) -> Prediction | None:
+    """The classifier's answer, with the vote of ``vote`` (the hits of the VOTE query)."""
     if not loaded.embedder.has_classifier:
         return None
     names = loaded.embedder.class_names
@@ -79,7 +70,9 @@ def _prediction(loaded: LoadedModel, result: Result, top: int = 5) -> Prediction
         label=names[int(order[0])],
         probability=round(float(result.probs[order[0]]), 6),
         top=[ClassScore(label=names[int(i)], probability=round(float(result.probs[i]), 6)) for i in order],
-        neighbour_vote=neighbour_vote(neighbour_labels(result), result.context.manifest.dataset.class_names),
+        neighbour_vote=neighbour_vote(
+            neighbour_labels(result.context, vote), result.context.manifest.dataset.class_names
+        ),
     )
 
 
@@ -102,8 +95,9 @@ async def search_images(
     request: Request, response: Response, form: Search, registry: Registry, settings: Settings
 ) -> SearchResponse:
     """Several images (repeated `file` parts) give one result list each, from one batched forward pass."""
-    loaded, results, stages = await run_images(request, form.files, form.k, form.model, registry, settings)
-    lists = [await _answer(loaded, r, form.k, form.min_score, form.label) for r in results]
+    query = search_query(form.k, settings, form.label, form.min_score)
+    loaded, results, stages = await run_images(request, form.files, form.model, registry, settings, [query])
+    lists = [neighbours(r.context, loaded.name, r.answer[0]) for r in results]
     queries = [QueryResults(file=f.filename or "", results=n) for f, n in zip(form.files, lists, strict=False)]
     took = _took_ms(response, stages, results[0])
     return SearchResponse(model=loaded.name, took_ms=took, results=lists[0], queries=queries)
@@ -133,9 +127,11 @@ async def classify(
     loaded = registry.get(model)
     if not loaded.embedder.has_classifier:
         raise Conflict(f"model {loaded.name!r} has no classifier (ImageNet features); use /v1/search")
-    loaded, results, stages = await run_images(request, file, VOTE_K, loaded.name, registry, settings)
+    loaded, results, stages = await run_images(request, file, loaded.name, registry, settings, [VOTE])
     took = _took_ms(response, stages, results[0])
-    return ClassifyResponse(model=loaded.name, took_ms=took, prediction=_prediction(loaded, results[0]))
+    return ClassifyResponse(
+        model=loaded.name, took_ms=took, prediction=_prediction(loaded, results[0], results[0].answer[0])
+    )
 
 
 @router.post(
@@ -144,12 +140,14 @@ async def classify(
 async def analyze(
     request: Request, response: Response, form: AnalyzeForm, registry: Registry, settings: Settings
 ) -> AnalyzeResponse:
-    loaded, results, stages = await run_images(request, form.files, form.k, form.model, registry, settings)
+    query = search_query(form.k, settings, form.label, form.min_score)
+    loaded, results, stages = await run_images(request, form.files, form.model, registry, settings, [query, VOTE])
+    (result,) = results
     return AnalyzeResponse(
         model=loaded.name,
-        took_ms=_took_ms(response, stages, results[0]),
-        prediction=_prediction(loaded, results[0]),
-        results=await _answer(loaded, results[0], form.k, form.min_score, form.label),
+        took_ms=_took_ms(response, stages, result),
+        prediction=_prediction(loaded, result, result.answer[1]),
+        results=neighbours(result.context, loaded.name, result.answer[0]),
     )
 
 
@@ -169,6 +167,6 @@ async def embed(
     model_query: ModelQuery = None,
 ) -> EmbeddingResponse:
     model = either("model", model, model_query, None)
-    loaded, results, _ = await run_images(request, file, 1, model, registry, settings)
+    loaded, results, _ = await run_images(request, file, model, registry, settings)  # no search
     v = l2_normalise(results[0].embedding[None])[0]
     return EmbeddingResponse(model=loaded.name, dim=len(v), vector=[round(float(x), 7) for x in v])
