@@ -322,10 +322,10 @@ def settings_of(env: dict[str, str]) -> dict[str, Any]:
 
 
 def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from models.manifests import read_model_manifest
+    from models.encoders import describe
 
     env = dict(kv.split("=", 1) for kv in args.env)
-    m = read_model_manifest(args.model)
+    m, _ = describe(args.model)  # a MODEL_DIR, a backbone name or any encoder --model takes
     images = load_jpegs(args.images, args.n_images, args.data)
     payloads = [multipart(data, Path(name).name, args.k) for name, data in images]
     levels = parse_int_list(args.concurrency)
@@ -355,7 +355,7 @@ def run_service_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR")
+    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR, backbone name or any encoder --model takes")
     p.add_argument("--index", type=Path, required=True, help="INDEX_DIR built from that model")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=400, help="measured requests per level (default %(default)s)")
