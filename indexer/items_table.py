@@ -1,16 +1,19 @@
-"""The SQLite item table of an index: its schema, and the writes of a version being made.
+"""The SQLite item table of an index: its schema, the writes of a version being made, and
+the reads the writers and filters need.
 
 One row per item (key, source, label, hash, size, the user's metadata...); ids are the
-FAISS ids. Reading is :class:`indexer.store.IndexStore`'s job; these helpers write the copy
-of a version that :func:`indexer.versions.new_version` publishes.
+FAISS ids. The writes change the copy of a version that :func:`indexer.versions.new_version`
+publishes; :class:`indexer.store.IndexStore` serves the reads of a published version.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _SCHEMA = """
 CREATE TABLE items (
@@ -72,3 +75,35 @@ def set_skipped(
     """Record unreadable files (key, size, mtime_ns, reason) of ``source``; forget the keys in ``drop``."""
     db.executemany("DELETE FROM skipped WHERE source = ? AND key = ?", [(source, k) for k in drop])
     db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?)", [(k, source, *rest) for k, *rest in rows])
+
+
+def set_file_stats(db: sqlite3.Connection, stats: Mapping[int, tuple[int, int]]) -> None:
+    """Record (size, mtime_ns) of items whose file was found unchanged by its content (sync)."""
+    db.executemany("UPDATE items SET file_size = ?, mtime_ns = ? WHERE id = ?", [(*st, i) for i, st in stats.items()])
+
+
+def delete_items(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+
+
+def ids_with_label(db: sqlite3.Connection, label: str) -> np.ndarray:
+    """Ids of the items with this label name (an unknown label: none)."""
+    rows = db.execute("SELECT id FROM items WHERE label_name = ?", (label,))
+    return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+
+def stored_files(path: Path, source: str) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
+    """Of the folder ``source`` in the table at ``path`` (read-only): key -> (id, size,
+    mtime_ns, sha256) of its items, and key -> (size, mtime_ns) of its unreadable files."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+        stat_cols = "file_size, mtime_ns" if "mtime_ns" in have else "NULL, NULL"  # before sync existed
+        sql = f"SELECT key, id, {stat_cols}, sha256 FROM items WHERE source = ?"
+        items = {r[0]: tuple(r[1:]) for r in db.execute(sql, (source,))}
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        sql = "SELECT key, file_size, mtime_ns FROM skipped WHERE source = ?"
+        skipped = {r[0]: (r[1], r[2]) for r in db.execute(sql, (source,))} if "skipped" in tables else {}
+        return items, skipped
+    finally:
+        db.close()

@@ -25,12 +25,6 @@ class Hit:
     score: float
 
 
-def ids_with_label(store: IndexStore, label: str) -> np.ndarray:
-    """Ids of the items with this label name (an unknown label: none)."""
-    rows = store._db.execute("SELECT id FROM items WHERE label_name = ?", (label,))
-    return np.fromiter((r[0] for r in rows), dtype=np.int64)
-
-
 def _exact(store: IndexStore, query: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     vectors = l2_normalise(store.vectors_of(allowed))
     scores = vectors @ query
@@ -82,7 +76,7 @@ def search_batch(store: IndexStore, vectors: np.ndarray, queries: Sequence[Searc
         if label is None:
             scores, ids = store.search(vectors[rows], want)
         else:
-            allowed = ids_with_label(store, label)
+            allowed = store.ids_with_label(label)
             if not len(allowed):
                 continue  # an unknown label: no hits
             scores, ids = _filtered(store, vectors[rows], want, allowed)

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from indexer.faiss_index import all_vectors, ivf_ids, l2_normalise
+from indexer.items_table import ids_with_label
 from indexer.vector_file import VECTORS_FILE, VectorFile, rerank
 from indexer.versions import current_version
 from models.errors import ImgsimError
@@ -195,6 +196,14 @@ class IndexStore:
         rows = self.rows(np.unique(flat[flat >= 0]).tolist())
         lookup = np.array([rows[i].label if i in rows else -1 for i in flat.tolist()], dtype=np.int64)
         return lookup.reshape(ids.shape)
+
+    def ids_with_label(self, label: str) -> np.ndarray:
+        return ids_with_label(self._db, label)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The item table, for the writer (indexer.update) of a version being made."""
+        return self._db
 
     def labels_and_keys(self, ids: Sequence[int]) -> list[tuple[str | None, str]]:
         """(label name, key) of ids from an in-memory map loaded on first use.

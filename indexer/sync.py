@@ -10,13 +10,14 @@ and rerunning it finishes the job. Unchanged items keep their ids.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from indexer.items_table import stored_files
+from indexer.store import ITEMS_FILE
 from indexer.update import NewItem, apply_changes
 from indexer.versions import current_version
 from models.data import Dataset, Item, SkipCounter, open_dataset
@@ -47,18 +48,7 @@ class SyncReport:
 def _stored(index_dir: Path, source: str) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
     """Of the folder ``source``: key -> (id, size, mtime_ns, sha256) of its items, and
     key -> (size, mtime_ns) of its files known to be unreadable."""
-    db = sqlite3.connect(f"file:{current_version(index_dir) / 'items.sqlite'}?mode=ro", uri=True)
-    try:
-        have = {row[1] for row in db.execute("PRAGMA table_info(items)")}
-        stat_cols = "file_size, mtime_ns" if "mtime_ns" in have else "NULL, NULL"  # before sync existed
-        sql = f"SELECT key, id, {stat_cols}, sha256 FROM items WHERE source = ?"
-        items = {r[0]: tuple(r[1:]) for r in db.execute(sql, (source,))}
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        sql = "SELECT key, file_size, mtime_ns FROM skipped WHERE source = ?"
-        skipped = {r[0]: (r[1], r[2]) for r in db.execute(sql, (source,))} if "skipped" in tables else {}
-        return items, skipped
-    finally:
-        db.close()
+    return stored_files(current_version(index_dir) / ITEMS_FILE, source)
 
 
 @dataclass

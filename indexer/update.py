@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.faiss_index import HNSW_TYPES, l2_normalise, new_faiss_index
-from indexer.items_table import insert_items, set_skipped, upgrade_items_table
+from indexer.items_table import delete_items, insert_items, set_file_stats, set_skipped, upgrade_items_table
 from indexer.store import IndexStore, write_index_files
 from indexer.vector_file import VECTORS_FILE, put_rows
 from indexer.versions import new_version
@@ -86,7 +86,7 @@ def apply_changes(
     with new_version(index_dir, copy_current=True, lock_timeout=lock_timeout) as tmp:
         store = IndexStore.open(tmp)
         try:
-            upgrade_items_table(store._db)
+            upgrade_items_table(store.db)
             m = store.manifest
             present = set(store.rows(remove))
             if unknown := sorted({int(i) for i in remove} - present):
@@ -103,11 +103,10 @@ def apply_changes(
                         known[item.sha256] = m.next_id + len(fresh)
                     fresh.append(item)
             out.added = _add(store, tmp, fresh)
-            sql = "UPDATE items SET file_size = ?, mtime_ns = ? WHERE id = ?"
-            store._db.executemany(sql, [(size, mtime, i) for i, (size, mtime) in (stats or {}).items()])
+            set_file_stats(store.db, stats or {})
             if skipped:
-                set_skipped(store._db, *skipped)
-            store._db.commit()
+                set_skipped(store.db, *skipped)
+            store.db.commit()
             m.count = store.size
             m.updated = now_utc()
             out.count = m.count
@@ -127,7 +126,7 @@ def _add(store: IndexStore, tmp: Path, fresh: list[NewItem]) -> list[int]:
     store.index.add_with_ids(vectors, ids)
     if store.vectors is not None:
         put_rows(tmp / VECTORS_FILE, ids, vectors, m.next_id + len(fresh))
-    insert_items(store._db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids, strict=False)])
+    insert_items(store.db, [a.row(int(i), now_utc()) for a, i in zip(fresh, ids, strict=False)])
     m.next_id += len(fresh)
     return ids.tolist()
 
@@ -149,7 +148,7 @@ def _remove(store: IndexStore, ids: list[int]) -> None:
         store.index = new_faiss_index(m.embedding_dim, m.index_type, m.index_params, vecs[keep])
         store.index.add_with_ids(vecs[keep], live_ids[keep])
         store.set_dead(np.zeros(0, np.int64))
-    store._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
+    delete_items(store.db, ids)
     m.deleted = len(store.dead)
 
 
