@@ -48,7 +48,9 @@ def _vectors(index_dir: Path) -> dict[str, np.ndarray]:
 def test_ray_build_matches_the_local_engine_and_uses_both_nodes(ray_cluster: str, tiny: tuple, tmp_path: Path) -> None:
     model, data, settings = tiny
     local = build_index(model, str(data), tmp_path / "local", settings=settings, use_cache=False, progress=False)
-    report = build_index(model, str(data), tmp_path / "ray", settings=settings, progress=False, batch_size=4,
+    # Batches of 2: 30 hand-outs, so that the second actor gets work even when decoded blocks
+    # arrive one at a time and the first actor is idle again at most of them (seen: 60 / 0).
+    report = build_index(model, str(data), tmp_path / "ray", settings=settings, progress=False, batch_size=2,
                          engine=Engine("ray", ray_cluster, actors=2, cpus_per_actor=1.5))  # fmt: skip
     assert report.count == local.count == 60  # train + val of 3 classes x 20
     assert len(report.nodes) == 2, report.nodes  # node id -> (images decoded, images embedded) there
