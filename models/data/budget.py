@@ -21,14 +21,6 @@ class DecodeBudget:
         self._running = 0
         self._changed = threading.Condition()
 
-    @property
-    def limit(self) -> int | None:
-        return self._limit
-
-    @property
-    def running(self) -> int:
-        return self._running
-
     def set_limit(self, limit: int | None) -> None:
         """None: unlimited."""
         if limit is not None and limit < 1:

@@ -70,9 +70,16 @@ def read_sidecar(folder: Path) -> Sidecar:
 
 def _describe(spec: str, settings: Settings) -> tuple[ModelManifest, ModelIdentity]:
     folder = _folder(spec).resolve()
-    side = read_sidecar(folder)
+    return _describe_model(folder, read_sidecar(folder), _read_model(folder))
+
+
+def _read_model(folder: Path) -> Any:
+    return openvino_runtime.openvino().Core().read_model(str(folder / ONNX_FILE))
+
+
+def _describe_model(folder: Path, side: Sidecar, model: Any) -> tuple[ModelManifest, ModelIdentity]:
     sha = file_digest(folder / ONNX_FILE)
-    dim = _output_dim(folder, side)
+    dim = _output_dim(folder, side, model)
     name = side.name or folder.name
     manifest = ModelManifest(
         name=name, backbone="onnx", weights=WeightsRef(source=f"onnx:{folder / ONNX_FILE}", sha256=sha),
@@ -84,8 +91,7 @@ def _describe(spec: str, settings: Settings) -> tuple[ModelManifest, ModelIdenti
     return manifest, identity
 
 
-def _output_dim(folder: Path, side: Sidecar) -> int:
-    model = openvino_runtime.openvino().Core().read_model(str(folder / ONNX_FILE))
+def _output_dim(folder: Path, side: Sidecar, model: Any) -> int:
     out = _output_port(model, side.output)
     shape = out.get_partial_shape()
     if shape.rank.get_length() != 2 or not shape[1].is_static:
@@ -118,23 +124,22 @@ class OnnxEncoder:
     def __init__(self, spec: str, runtime: str | None, settings: Settings, collection: Dataset | None) -> None:
         self.folder = _folder(spec).resolve()
         self.side = read_sidecar(self.folder)
-        self._manifest, self.identity = _describe(spec, settings)
+        model = _read_model(self.folder)  # read once: described, then compiled
+        self._manifest, self.identity = _describe_model(self.folder, self.side, model)
         self.name, self.input_size = self._manifest.name, self.side.input_size
         self.settings, self.collection = settings, collection
         self._prepare = partial(prepare, side=self.side)
-        self._reference = self._compile_fp32()
+        self._reference = self._compile_fp32(model)
         self.runtime, self._forward = first_available(runtime or settings.runtime, self._build, f"encoder {self.name}")
 
     @property
     def manifest(self) -> ModelManifest:
         return self._manifest
 
-    def _compile_fp32(self) -> openvino_runtime.OpenVinoForward:
+    def _compile_fp32(self, model: Any) -> openvino_runtime.OpenVinoForward:
         ov = openvino_runtime.openvino()
-        core = ov.Core()
-        model = core.read_model(str(self.folder / ONNX_FILE))
         model = ov.Model([_output_port(model, self.side.output)], model.get_parameters())
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return openvino_runtime.OpenVinoForward(compiled)
 
     def _build(self, runtime: str) -> Any:
